@@ -1,0 +1,608 @@
+"""Shared machinery for Hugging Face vision-language models (transformers 5.x) whose language model is
+a decoder-only stack of layers (`language_model.layers`) fed `inputs_embeds`.
+
+Hooks, all on the given instance (nothing is patched on a class):
+- a forward pre-hook (with kwargs) on the top-level model starts a call: it finds the image tokens,
+  decides prefill / decode, and takes `labels` (the loss is recomputed on re-expanded logits);
+  a forward hook ends it: logits are re-expanded to the original length, the KV cache is tagged
+  with the ledger's decode state, statistics are written;
+- a forward pre-hook on the language model runs the **boundary** stage: it slices `inputs_embeds`,
+  the 2-D `attention_mask` and `position_ids` (kept tokens keep their original position ids), so the
+  language model builds its own mask and rotary embeddings for the reduced sequence;
+- forward pre-hooks on decoder layers run the **decoder** stage: at layer k the visual rows are
+  dropped from `hidden_states`, and every later layer gets the sliced `position_embeddings`,
+  `position_ids` and a causal mask built by transformers' own `create_causal_mask` for the reduced
+  rows (sized against that layer's cache, so decoding stays consistent);
+- forward hooks on `q_proj` / `k_proj` of the layers whose attention a reducer reads capture their
+  outputs, from which the attention signal is computed on a side path (the model keeps SDPA).
+
+Decoding with a KV cache: the cache carries a `DecodeState` (attribute `_vtoken_decode`) naming, for
+each layer range, the prefill rows it holds. Each decoding step rebuilds the 2-D mask of those rows
+plus the new tokens, so later steps attend exactly to what the prefill kept. Beam search reorders
+the cache within each prompt's beams, whose states are identical, so the tag stays valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from vtoken.adapter import Adapter
+from vtoken.errors import BudgetError, LayoutError, SignalError, UnsupportedModelError
+from vtoken.flops import TransformerSpec, decode_step_flops, layer_flops, linear_flops
+from vtoken.ledger import ImageSpan, Layout, expand_to_original, gather_rows
+from vtoken.reducers.base import SignalRequest
+from vtoken.stage import run_point
+
+STATE_ATTR = "_vtoken_decode"
+
+
+@dataclass
+class Segment:
+    """LLM layers from `layer` on run on `layout` (until the next segment)."""
+
+    layer: int
+    layout: Layout
+    dec_shift: torch.Tensor | None  # (B,) subtract from decoded tokens' position ids (renumbering)
+    new_rope: bool  # position embeddings must be recomputed from this layer on (renumbered here or before)
+
+
+@dataclass
+class DecodeState:
+    """Carried by a KV cache produced by a reducing prefill."""
+
+    segments: list[Segment]
+    orig_len: int
+    batch: int
+    lengths: list[int]  # real prompt tokens per sample before any reduction
+
+
+@dataclass
+class Call:
+    """State of one top-level forward (reset at every call, so an exception leaves nothing stale)."""
+
+    mode: str = "off"  # "off" | "prefill" | "decode"
+    spans: list[ImageSpan] = field(default_factory=list)
+    valid: torch.Tensor | None = None  # (B, L) bool, device
+    lengths: list[int] = field(default_factory=list)
+    right_align: bool = True
+    layout: Layout | None = None
+    pos: torch.Tensor | None = None  # position ids of the current layout's rows
+    segments: list[Segment] = field(default_factory=list)
+    seg_kwargs: dict[str, Any] | None = None
+    seg_layer: int = -1
+    captures: dict[int, dict[str, Any]] = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    logits_to_keep: int | torch.Tensor | None = None
+    return_dict: bool = True
+    decode: DecodeState | None = None
+    orig_pos: torch.Tensor | None = None  # decode: position ids in original numbering
+    tail: torch.Tensor | None = None  # decode: 2-D mask columns of the tokens after the prefill
+    n_new: int = 0
+    signal_flops: int = 0
+
+
+class HFVisionLanguageAdapter(Adapter):
+    """Base for transformers VLM adapters; subclasses describe the family's anatomy."""
+
+    stages = frozenset({"boundary", "decoder"})
+    pos_emb_seq_dim = 1  # sequence dim of the (cos, sin) position embeddings
+
+    # --- anatomy, provided by subclasses -----------------------------------------------------------
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def text_config(self) -> Any:
+        raise NotImplementedError
+
+    def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """(B, L) bool mask of image placeholder tokens in this call's inputs (None if none can exist)."""
+        raise NotImplementedError
+
+    def image_grids(self, inputs: dict[str, Any], n_tokens: list[int]) -> list[tuple[int, int]]:
+        """Token grid of each image, in order, given the lengths of the placeholder runs."""
+        raise NotImplementedError
+
+    def has_new_images(self, inputs: dict[str, Any]) -> bool:
+        """True when this call carries images (pixels or pre-computed features)."""
+        raise NotImplementedError
+
+    def llm_spec(self) -> TransformerSpec:
+        cfg = self.text_config()
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return TransformerSpec(
+            d=cfg.hidden_size, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim, mlp=cfg.intermediate_size, mlp_mats=3, layers=cfg.num_hidden_layers,
+        )
+
+    def vision_flops(self) -> tuple[int, int]:
+        """(vision tower FLOPs, projector FLOPs) of the images of the last vision-tower run."""
+        return 0, 0
+
+    # --- installation ------------------------------------------------------------------------------
+    def install(self) -> None:
+        rt = self.runtime
+        lm = self.language_model()
+        self.lm = lm
+        self.layers = lm.layers
+        self.rotary = getattr(lm, "rotary_emb", None)
+        n_layers = len(self.layers)
+        for layer, reducers in rt.decoder.items():
+            if not 0 <= layer < n_layers:
+                raise BudgetError(
+                    f"{reducers[0].name}: layer {layer} does not exist; the language model has "
+                    f"{n_layers} layers (0..{n_layers - 1})"
+                )
+            if any(r.renumber for r in reducers) and self.rotary is None:
+                raise UnsupportedModelError("renumber=True needs the language model's rotary_emb module")
+        for req in rt.signals:
+            if req.kind == "llm_attention" and not 0 <= req.layer < n_layers:
+                raise SignalError(f"{req} asks for layer {req.layer}, but the LLM has {n_layers} layers")
+        self._check_static_budgets()
+        self._sig = inspect.signature(self.model.forward)
+        self.vision_record: tuple[int, int] | None = None
+        self.call = Call()
+        self.handles.append(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
+        self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        signal_layers = {r.layer for r in rt.signals if r.kind == "llm_attention"}
+        first = min([*rt.decoder, *signal_layers], default=n_layers)
+        for i in range(first, n_layers):
+            self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+        for i in sorted(signal_layers):
+            attn = self.layers[i].self_attn
+            for name in ("q_proj", "k_proj"):
+                self.handles.append(getattr(attn, name).register_forward_hook(self._proj_hook(i, name)))
+        self.install_vision()
+
+    def install_vision(self) -> None:
+        """Install vision-tower hooks (statistics, vision signals); subclasses override."""
+
+    def _check_static_budgets(self) -> None:
+        """Fail at patch time when an int budget exceeds the tokens an image can have."""
+        n = self.static_image_tokens()
+        if n is None:
+            return
+        for r in self.runtime.reducers:
+            if r.stage in ("boundary", "decoder") and r.static_count(n) is not None:
+                n = r.static_count(n)  # resolves the budget, raising BudgetError if keep > n
+
+    def static_image_tokens(self) -> int | None:
+        """Tokens per image if every image has the same count (None if it varies)."""
+        return None
+
+    # --- top-level call ----------------------------------------------------------------------------
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = self._sig.bind_partial(*args, **kwargs)
+        out = dict(bound.arguments)
+        for name, p in self._sig.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD and name in out:
+                out.update(out.pop(name))
+        return out
+
+    def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        self.call = call = Call()
+        rt = self.runtime
+        inputs = self._bind(args, kwargs)
+        rd = inputs.get("return_dict")
+        call.return_dict = bool(getattr(module.config, "return_dict", True) if rd is None else rd)
+        cache = inputs.get("past_key_values")
+        cache_len = cache.get_seq_length() if cache is not None else 0
+        if cache_len > 0:
+            state = getattr(cache, STATE_ATTR, None)
+            if self.has_new_images(inputs):
+                raise LayoutError(
+                    "vtoken cannot add images to a KV cache that already holds tokens (multi-turn "
+                    "with new images); start from an empty cache, or unpatch for this call"
+                )
+            if state is None:
+                rt.new_stats()
+                return None
+            call.mode = "decode"
+            call.decode = state
+            rt.stats.decode_steps += 1
+            inputs["return_dict"] = True
+            return (), inputs
+        rt.new_stats()
+        mask = self.image_token_mask(inputs)
+        if mask is None:
+            return None
+        am = inputs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            raise LayoutError(
+                "vtoken needs a 2-D padding attention_mask (batch, length); a prepared 4-D mask cannot "
+                "be re-sliced for the reduced sequence"
+            )
+        b, length = mask.shape
+        img = mask.cpu()
+        valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=mask.device)
+        valid_cpu = valid.cpu()
+        spans = self._spans(inputs, img & valid_cpu)
+        if not spans:
+            return None
+        call.mode = "prefill"
+        call.spans = spans
+        call.valid = valid
+        call.lengths = valid_cpu.sum(1).tolist()
+        call.right_align = bool(valid_cpu[:, -1].all())
+        if inputs.get("labels") is not None:
+            call.labels = inputs.pop("labels")
+            call.loss_kwargs = {k: inputs[k] for k in ("num_items_in_batch",) if k in inputs}
+        ltk = inputs.get("logits_to_keep", 0)
+        if not (isinstance(ltk, int) and ltk in (0, 1)):
+            call.logits_to_keep = ltk
+            inputs["logits_to_keep"] = 0
+        inputs["return_dict"] = True
+        return (), inputs
+
+    def _spans(self, inputs: dict[str, Any], img: torch.Tensor) -> list[ImageSpan]:
+        """Split the runs of image tokens (host mask) into images, in order."""
+        b = img.shape[0]
+        flat = torch.cat([torch.zeros(b, 1, dtype=torch.bool), img, torch.zeros(b, 1, dtype=torch.bool)], 1)
+        edges = (flat[:, 1:].int() - flat[:, :-1].int())
+        starts = (edges == 1).nonzero().tolist()
+        ends = (edges == -1).nonzero().tolist()
+        runs = [(s[0], s[1], e[1] - s[1]) for s, e in zip(starts, ends)]
+        if not runs:
+            return []
+        grids = self.image_grids(inputs, [r[2] for r in runs])
+        spans: list[ImageSpan] = []
+        gi = 0
+        for sample, start, n in runs:
+            pos = start
+            while pos < start + n:
+                if gi >= len(grids):
+                    raise LayoutError(f"more image tokens than images: sample {sample} has an extra run at {pos}")
+                grid = grids[gi]
+                spans.append(ImageSpan(sample, pos, grid))
+                pos += grid[0] * grid[1]
+                gi += 1
+            if pos != start + n:
+                raise LayoutError(
+                    f"the image tokens of sample {sample} (run of {n} at {start}) do not split into whole "
+                    f"images of {[g[0] * g[1] for g in grids]} tokens"
+                )
+        return spans
+
+    def _top_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        call = self.call
+        rt = self.runtime
+        if call.mode == "prefill":
+            final = call.layout
+            rt.last_layout, rt.last_spans = final, call.spans
+            logits = output.logits
+            lm_rows = logits.shape[0] * logits.shape[1]
+            if call.segments and logits.shape[1] == final.shape[1]:
+                logits = expand_to_original(logits, final)
+            cache = output.past_key_values
+            if cache is not None:
+                state = DecodeState(call.segments, final.orig_len, final.shape[0], list(call.lengths))
+                setattr(cache, STATE_ATTR, state)
+            if call.logits_to_keep is not None:
+                ltk = call.logits_to_keep
+                logits = logits[:, -ltk:] if isinstance(ltk, int) else logits[:, ltk]
+            output.logits = logits
+            if call.labels is not None:
+                output.loss = module.loss_function(
+                    logits=logits, labels=call.labels, vocab_size=self.text_config().vocab_size,
+                    **call.loss_kwargs,
+                )
+            self._prefill_stats(lm_rows)
+        elif call.mode == "decode":
+            self._decode_stats(output.logits.shape[1])
+        elif call.mode == "off" and self.vision_record is not None:
+            self._prefill_stats(0)
+        if not call.return_dict:
+            return output.to_tuple()
+        return output
+
+    # --- language model: boundary stage and decoding ------------------------------------------------
+    def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = self.call
+        if call.mode == "decode":
+            return args, self._lm_decode(kwargs)
+        if call.mode != "prefill":
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise LayoutError("vtoken expects the language model to be called with inputs_embeds")
+        b, length, _ = embeds.shape
+        layout = Layout.initial(call.valid, call.spans, call.lengths, call.right_align)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(length, device=embeds.device)[None]
+        pos = pos.expand(*pos.shape[:-2], b, length)
+        call.layout, call.pos = layout, pos
+        rt = self.runtime
+        if not rt.boundary:
+            return None
+        res = run_point(rt.boundary, layout, embeds, call.spans, self._signal, rt.timer)
+        call.layout = res.layout
+        if not res.changed:
+            return None
+        pos = gather_rows(pos, res.src, dim=-1)
+        if res.pos_shift is not None:
+            pos = pos - res.pos_shift
+        call.pos = pos
+        call.segments.append(Segment(0, res.layout, res.dec_shift, False))
+        kwargs = dict(kwargs, inputs_embeds=res.hidden, attention_mask=res.layout.valid, position_ids=pos)
+        return args, kwargs
+
+    def _lm_decode(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        call = self.call
+        st = call.decode
+        assert st is not None
+        cache = kwargs.get("past_key_values")
+        embeds = kwargs.get("inputs_embeds")
+        if cache is None or embeds is None:
+            raise LayoutError("decoding a reduced prefill needs the KV cache and inputs_embeds")
+        b, q = embeds.shape[:2]
+        if b != st.batch:
+            raise LayoutError(
+                f"the KV cache was reduced for a batch of {st.batch} but this step has {b} rows; "
+                "vtoken supports greedy/sampling/beam search, not batch-reshaping decoders"
+            )
+        seg0 = st.segments[0] if st.segments and st.segments[0].layer == 0 else None
+        rows0 = seg0.layout.shape[1] if seg0 is not None else st.orig_len
+        n_new = cache.get_seq_length(0) - rows0 + q
+        call.n_new = n_new
+        am = kwargs.get("attention_mask")
+        if am is not None:
+            if am.dim() != 2 or am.shape[1] != st.orig_len + n_new:
+                raise LayoutError(
+                    f"decoding step got an attention_mask of shape {tuple(am.shape)}; expected a 2-D mask "
+                    f"over the original prompt and new tokens (length {st.orig_len + n_new})"
+                )
+            call.tail = am[:, st.orig_len:].bool()
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = (torch.arange(q, device=embeds.device) + st.orig_len + n_new - q)[None].expand(b, q)
+        call.orig_pos = pos
+        if seg0 is None:
+            return kwargs
+        kwargs = dict(kwargs, attention_mask=self._decode_mask2d(seg0, b, embeds.device))
+        if seg0.dec_shift is not None:
+            kwargs["position_ids"] = _shift(pos, seg0.dec_shift)
+        return kwargs
+
+    def _decode_mask2d(self, seg: Segment, b: int, device: torch.device) -> torch.Tensor:
+        tail = self.call.tail
+        if tail is None:
+            tail = torch.ones(b, self.call.n_new, dtype=torch.bool, device=device)
+        return torch.cat([seg.layout.valid, tail.to(device)], dim=1)
+
+    # --- decoder layers: decoder stage -------------------------------------------------------------
+    def _layer_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+            call = self.call
+            if call.mode == "prefill":
+                return self._layer_prefill(i, args, kwargs)
+            if call.mode == "decode":
+                return self._layer_decode(i, args, kwargs)
+            return None
+
+        return hook
+
+    def _layer_prefill(self, i: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = self.call
+        rt = self.runtime
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if i in rt.decoder and call.layout is not None:
+            res = run_point(rt.decoder[i], call.layout, hidden, call.spans, self._signal, rt.timer)
+            call.layout = res.layout
+            if res.changed:
+                pos = gather_rows(call.pos, res.src, dim=-1)
+                if res.pos_shift is not None:
+                    pos = pos - res.pos_shift
+                prev = call.segments[-1] if call.segments else None
+                new_rope = res.pos_shift is not None or (prev is not None and prev.new_rope)
+                if new_rope:
+                    pe = self.rotary(res.hidden, pos)
+                else:
+                    pe = tuple(gather_rows(t, res.src, dim=self.pos_emb_seq_dim) for t in kwargs["position_embeddings"])
+                mask = create_causal_mask(
+                    config=self.text_config(), inputs_embeds=res.hidden, attention_mask=res.layout.valid,
+                    past_key_values=kwargs.get("past_key_values"), position_ids=pos, layer_idx=i,
+                )
+                shift = _add(prev.dec_shift if prev is not None else None, res.dec_shift)
+                call.segments.append(Segment(i, res.layout, shift, new_rope))
+                call.pos = pos
+                call.seg_kwargs = {"attention_mask": mask, "position_embeddings": pe, "position_ids": pos}
+                hidden = res.hidden
+        if call.seg_kwargs is not None:
+            kwargs = dict(kwargs, **call.seg_kwargs)
+        if i in self._signal_layers():
+            call.captures.setdefault(i, {}).update(
+                layout=call.layout, position_embeddings=kwargs.get("position_embeddings"),
+            )
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _layer_decode(self, i: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = self.call
+        st = call.decode
+        seg = next((s for s in st.segments if s.layer == i and i > 0), None)
+        if seg is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            b = hidden.shape[0]
+            pos = call.orig_pos if seg.dec_shift is None else _shift(call.orig_pos, seg.dec_shift)
+            mask = create_causal_mask(
+                config=self.text_config(), inputs_embeds=hidden,
+                attention_mask=self._decode_mask2d(seg, b, hidden.device),
+                past_key_values=kwargs.get("past_key_values"), position_ids=pos, layer_idx=i,
+            )
+            call.seg_kwargs = {"attention_mask": mask, "position_ids": pos}
+            if seg.new_rope:
+                call.seg_kwargs["position_embeddings"] = self.rotary(hidden, pos)
+        if call.seg_kwargs is None:
+            return None
+        return args, dict(kwargs, **call.seg_kwargs)
+
+    # --- signals -----------------------------------------------------------------------------------
+    def _signal_layers(self) -> set[int]:
+        return {r.layer for r in self.runtime.signals if r.kind == "llm_attention"}
+
+    def _proj_hook(self, i: int, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.call.mode == "prefill":
+                self.call.captures.setdefault(i, {})[name] = output
+
+        return hook
+
+    def _signal(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
+        """A row-aligned signal (B, L) in `layout`, computed on demand."""
+        if req.kind == "llm_attention":
+            return self._llm_attention(req, layout)
+        raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
+
+    def _llm_attention(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
+        """Attention each row receives at LLM layer `req.layer` from the query rows, mean over heads.
+
+        Computed from that layer's captured q_proj / k_proj outputs with its RoPE and the causal +
+        padding mask: softmax(q k^T * scaling) exactly as eager attention does, for the query rows only.
+        """
+        cap = self.call.captures.get(req.layer, {})
+        if "q_proj" not in cap or "k_proj" not in cap:
+            raise SignalError(f"attention of LLM layer {req.layer} was not captured in this forward")
+        if cap.get("layout") is not layout:
+            raise SignalError(
+                f"LLM layer {req.layer}'s attention was computed on another token layout than the one "
+                "being reduced (another reducer acted in between); put the reducers at the same layer"
+            )
+        attn = self.layers[req.layer].self_attn
+        b, length = layout.shape
+        hd = attn.head_dim
+        q = cap["q_proj"].view(b, length, -1, hd)
+        k = cap["k_proj"].view(b, length, -1, hd)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q_rows, q, k = q, q.transpose(1, 2), k.transpose(1, 2)
+        rows = torch.arange(length, device=q.device)
+        valid = layout.valid.to(q.device)
+        end = self.runtime.prompt_end
+        if end is not None:  # only the prompt's rows may serve as queries
+            end_t = torch.as_tensor(end, device=q.device).expand(b)
+            valid = valid & (layout.index.to(q.device) < end_t[:, None])
+        last = torch.where(valid, rows, -1).amax(1)  # (B,) last real row = last prompt token
+        if req.query == "last":
+            qsel = last[:, None]
+        elif req.query == "instruction":
+            is_img = layout.image.to(q.device) >= 0
+            last_img = torch.where(is_img, rows, -1).amax(1)
+            qmask = valid & (rows[None] > last_img[:, None])
+            qsel = None
+        else:
+            raise SignalError(f"unknown query {req.query!r} for llm_attention (use 'last' or 'instruction')")
+        cos, sin = cap["position_embeddings"]
+        rope = self._rope_fn(attn)
+        k = rope(k, cos, sin)
+        if qsel is not None:
+            cq = gather_rows(cos, qsel, dim=self.pos_emb_seq_dim)
+            sq = gather_rows(sin, qsel, dim=self.pos_emb_seq_dim)
+            qh = rope(gather_rows(q_rows, qsel, dim=1).transpose(1, 2), cq, sq)  # (B, H, 1, hd)
+            qrow = qsel
+        else:
+            qh = rope(q, cos, sin)
+            qrow = rows[None].expand(b, length)
+        groups = qh.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        logits = torch.matmul(qh.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
+        allowed = valid[:, None, None, :] & (rows[None, None, None, :] <= qrow[:, None, :, None])
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).mean(1)  # (B, Q, L)
+        self.call.signal_flops += 2 * qh.shape[2] * length * qh.shape[1] * hd * b
+        if qsel is not None:
+            return probs[:, 0]
+        w = qmask.float()
+        return (probs * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+
+    def _rope_fn(self, attn: nn.Module):
+        """Apply the layer's rotary embedding to one (B, H, L, hd) tensor."""
+        import sys
+
+        apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if apply is None:
+            raise SignalError(f"cannot find the rotary embedding function of {type(attn).__name__}")
+        return lambda x, cos, sin: apply(x, x, cos, sin)[0]
+
+    # --- statistics --------------------------------------------------------------------------------
+    def _prefill_stats(self, lm_rows: int) -> None:
+        st = self.runtime.stats
+        call = self.call
+        if self.vision_record is not None:
+            vis, proj = self.vision_flops()
+            st.add_flops("vision", vis)
+            st.add_flops("projector", proj)
+            self.vision_record = None
+        if call.mode != "prefill":
+            return
+        spec = self.llm_spec()
+        b = len(call.lengths)
+        # Layout lengths are host-side numbers: no device read.
+        per_layer = self._layer_layouts_lengths()
+        st.tokens_per_layer = [lens for lens, _ in per_layer]
+        st.visual_per_layer = [vis for _, vis in per_layer]
+        st.visual_tokens = list(per_layer[0][1]) if per_layer else [0] * b
+        st.add_flops("llm_prefill", sum(layer_flops(spec, n) for lens, _ in per_layer for n in lens))
+        st.add_flops("lm_head", linear_flops(lm_rows, [(spec.d, self.text_config().vocab_size)]))
+        st.add_flops("reducer", call.signal_flops)
+
+    def _layer_layouts_lengths(self) -> list[tuple[list[int], list[int]]]:
+        call = self.call
+        n_layers = len(self.layers)
+        b = len(call.lengths)
+        counts0 = [s.n for s in call.spans]
+        cur = (list(call.lengths), self._per_sample(counts0, b))
+        segs = {s.layer: s.layout for s in call.segments}
+        out = []
+        for i in range(n_layers):
+            if i in segs:
+                lay = segs[i]
+                cur = (list(lay.lengths), self._per_sample(lay.counts, b))
+            out.append(cur)
+        return out
+
+    def _per_sample(self, counts: list[int], b: int) -> list[int]:
+        per = [0] * b
+        for s, n in zip(self.call.spans, counts):
+            per[s.sample] += n
+        return per
+
+    def _decode_stats(self, rows: int) -> None:
+        call = self.call
+        st = call.decode
+        spec = self.llm_spec()
+        n_layers = len(self.layers)
+        segs = {s.layer: s.layout for s in st.segments}
+        base = None
+        ctx: list[list[int]] = []
+        for i in range(n_layers):
+            base = segs.get(i, base)
+            lens = base.lengths if base is not None else st.lengths
+            ctx.append([n + call.n_new for n in lens])
+        total = sum(decode_step_flops(spec, [ctx[i][s] for i in range(n_layers)]) for s in range(st.batch))
+        stats = self.runtime.stats
+        stats.add_flops("decode", total)
+        stats.add_flops("lm_head", linear_flops(st.batch * rows, [(spec.d, self.text_config().vocab_size)]))
+
+
+def _shift(pos: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Subtract a per-sample shift (B,) from position ids (..., B, L)."""
+    return pos - shift.to(pos.device)[:, None]
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random LLaVA models built from config (no download) and batch builders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtoken.eval.tiny import IMAGE_TOKEN, tiny_llava
+
+N_IMG = 36  # tokens per image of the tiny LLaVA (84 / 14 = 6, 6 x 6)
+
+
+def make_prompt(n_images: int, text: int = 5, seed: int = 0) -> list[int]:
+    """BOS, then per image two text tokens and its placeholder run, then `text` instruction tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [1]
+    for _ in range(n_images):
+        ids += torch.randint(10, 120, (2,), generator=g).tolist() + [IMAGE_TOKEN] * N_IMG
+    ids += torch.randint(10, 120, (text,), generator=g).tolist()
+    return ids
+
+
+def make_batch(prompts: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:
+    """Pad prompts (pad id 0) on `side`; position ids as generate() computes them (cumsum of the mask)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        sl = slice(length - len(p), length) if side == "left" else slice(0, len(p))
+        ids[i, sl] = torch.tensor(p)
+        mask[i, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def pixels(n: int, seed: int = 0, size: int = 84) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture(scope="module")
+def llava() -> torch.nn.Module:
+    return tiny_llava(seed=0)
+
+
+@pytest.fixture(scope="module")
+def llava_eager() -> torch.nn.Module:
+    return tiny_llava(seed=0, attn="eager")

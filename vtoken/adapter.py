@@ -1,0 +1,74 @@
+"""The adapter contract and registry. Adapters (in `vtoken.adapters`) know one model family's anatomy;
+the core only talks to them through this interface and never imports one by name."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from vtoken.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from vtoken.runtime import Runtime
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+class Adapter(ABC):
+    """Installs vtoken's hooks on one model instance and removes them again.
+
+    family:          short name shown to users ("llava", "qwen2_vl", ...).
+    stages:          the stages this adapter can run.
+    default_reducer: what `vtoken.patch(model)` applies for this family.
+    """
+
+    family: ClassVar[str] = ""
+    stages: ClassVar[frozenset[str]] = frozenset()
+    default_reducer: ClassVar[tuple[str, dict[str, Any]]] = ("fastv", {"keep": 0.5})
+    supports: ClassVar[str] = ""  # human-readable list of supported classes
+
+    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.handles: list[Any] = []
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True if this adapter handles `model`."""
+
+    @abstractmethod
+    def install(self) -> None:
+        """Validate the reducers against the model and install hooks (recorded in `self.handles`)."""
+
+    def remove(self) -> None:
+        """Remove every hook this adapter installed (idempotent)."""
+        for h in reversed(self.handles):
+            h.remove()
+        self.handles.clear()
+
+    def describe(self) -> str:
+        return f"{self.family} ({type(self.model).__name__})"
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an adapter discoverable by `find_adapter`."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS.append(cls)
+    return cls
+
+
+def find_adapter(model: nn.Module) -> type[Adapter]:
+    """The adapter class for `model`, or UnsupportedModelError naming what is supported."""
+    importlib.import_module("vtoken.adapters")  # plugin package: its modules register themselves
+    for cls in _ADAPTERS:
+        if cls.matches(model):
+            return cls
+    names = "; ".join(f"{a.family}: {a.supports}" for a in _ADAPTERS)
+    raise UnsupportedModelError(
+        f"vtoken has no adapter for {type(model).__name__}. Supported models — {names}. "
+        "Pass the top-level model object (e.g. the *ForConditionalGeneration instance)."
+    )

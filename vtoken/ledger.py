@@ -1,0 +1,175 @@
+"""The token ledger: which original token each row of the (reduced) LLM sequence holds.
+
+Every reduction point (boundary, each decoder layer that prunes) produces a new `Layout` from the
+previous one. A layout is a padded batch: row `r` of sample `b` holds original column
+`index[b, r]`; rows added as padding (samples that kept fewer tokens than the longest one) have
+`valid == False`. Padding goes to the start of a row (left padding, so the last column stays the
+last prompt token, as generation needs) unless the batch was right-padded to begin with.
+
+Everything is vectorised over the batch; the only host-side numbers are the per-image and
+per-sample token counts, which are known from the budgets without reading device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image's run of placeholder tokens in the original sequence."""
+
+    sample: int
+    start: int
+    grid: tuple[int, int]
+
+    @property
+    def n(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class Layout:
+    """Row layout of the LLM sequence (see module docstring). Shapes are (B, L) unless noted."""
+
+    index: torch.Tensor  # long: original column of each row; `orig_len` on added padding rows
+    valid: torch.Tensor  # bool: the row holds a real (attended) token
+    image: torch.Tensor  # long: global image id of visual rows, -1 elsewhere
+    size: torch.Tensor  # float: original tokens the row stands for (1 unless merged)
+    lengths: list[int]  # host: valid rows per sample
+    counts: list[int]  # host: visual rows per image
+    orig_len: int
+    right_align: bool  # padding rows at the start of each row
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.valid.shape)  # type: ignore[return-value]
+
+    @staticmethod
+    def initial(valid: torch.Tensor, spans: list[ImageSpan], lengths: list[int], right_align: bool) -> Layout:
+        """The layout of an unreduced batch: row r holds column r.
+
+        right_align: the batch is left-padded (its last column is real everywhere), so padding that
+        reductions add goes to the start of each row too.
+        """
+        b, length = valid.shape
+        device = valid.device
+        image = torch.full((b, length), -1, dtype=torch.long)
+        for i, s in enumerate(spans):
+            image[s.sample, s.start : s.start + s.n] = i
+        return Layout(
+            index=torch.arange(length, device=device).expand(b, length),
+            valid=valid,
+            image=image.to(device),
+            size=torch.ones(b, length, device=device),
+            lengths=list(lengths),
+            counts=[s.n for s in spans],
+            orig_len=length,
+            right_align=right_align,
+        )
+
+
+def gather_rows(x: torch.Tensor, src: torch.Tensor, fill: float | int | bool = 0, dim: int = 1) -> torch.Tensor:
+    """Rows `src` (B, L') of `x` along `dim` (the sequence dim, batch at dim-1); src == L means padding."""
+    dim = dim % x.dim()
+    if x.shape[dim - 1] == 1 and src.shape[0] > 1:  # e.g. position ids / embeddings shared by the batch
+        shape = list(x.shape)
+        shape[dim - 1] = src.shape[0]
+        x = x.expand(shape)
+    pad_shape = list(x.shape)
+    pad_shape[dim] = 1
+    padded = torch.cat([x, torch.full(pad_shape, fill, dtype=x.dtype, device=x.device)], dim=dim)
+    idx = src.to(x.device)
+    # idx is (B, L'); broadcast it to x's shape around the batch and sequence dims.
+    view = [1] * x.dim()
+    view[dim - 1], view[dim] = idx.shape
+    idx = idx.view(view)
+    expand = list(x.shape)
+    expand[dim] = idx.shape[dim]
+    return padded.gather(dim, idx.expand(expand))
+
+
+def image_rows(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row indices (into B*L) of each image's tokens, (n_img, N), and their validity mask.
+
+    An image's rows are contiguous in every layout (reductions only drop rows), so each image is
+    a start row plus its count.
+    """
+    b, length = layout.shape
+    device = layout.valid.device
+    n_img = len(layout.counts)
+    flat_pos = torch.arange(b * length, device=device)
+    img = layout.image.reshape(-1)
+    bucket = torch.where(img >= 0, img, n_img)
+    start = torch.full((n_img + 1,), b * length, dtype=torch.long, device=device)
+    start = start.scatter_reduce(0, bucket, flat_pos, reduce="amin")[:n_img]
+    n_max = max(layout.counts, default=0)
+    j = torch.arange(n_max, device=device)
+    counts = torch.tensor(layout.counts, device=device, dtype=torch.long)
+    valid = j < counts[:, None]
+    flat = (start[:, None] + j).clamp_max(b * length - 1)
+    return flat, valid
+
+
+@dataclass
+class Compaction:
+    """Result of dropping rows: the new layout and, per new row, the old row it came from."""
+
+    layout: Layout
+    src: torch.Tensor  # (B, L') old row of each new row; old L on padding rows
+    dropped: torch.Tensor  # (B, L_old) bool: valid rows that were removed
+    changed: bool  # False when nothing was dropped (the old layout is returned as is)
+
+
+def compact(layout: Layout, keep_rows: torch.Tensor, lengths: list[int]) -> Compaction:
+    """Drop the rows where `keep_rows` is False (B, L), re-padding to the longest sample.
+
+    `lengths` are the valid rows per sample after the drop (known on the host from the budgets).
+    """
+    b, length = layout.shape
+    device = keep_rows.device
+    keep_rows = keep_rows & layout.valid
+    dropped = layout.valid & ~keep_rows
+    if lengths == layout.lengths:
+        src = torch.arange(length, device=device).expand(b, length)
+        return Compaction(layout, src, dropped, changed=False)
+    new_len = max(lengths, default=0)
+    dest = keep_rows.long().cumsum(1) - 1
+    if layout.right_align:
+        offset = new_len - torch.tensor(lengths, device=device, dtype=torch.long)
+        dest = dest + offset[:, None]
+    dest = torch.where(keep_rows, dest, new_len)
+    src = torch.full((b, new_len + 1), length, dtype=torch.long, device=device)
+    src.scatter_(1, dest, torch.arange(length, device=device).expand(b, length).contiguous())
+    src = src[:, :new_len]
+    new = Layout(
+        index=gather_rows(layout.index, src, fill=layout.orig_len),
+        valid=gather_rows(layout.valid, src, fill=False),
+        image=gather_rows(layout.image, src, fill=-1),
+        size=gather_rows(layout.size, src, fill=0.0),
+        lengths=list(lengths),
+        counts=list(layout.counts),
+        orig_len=layout.orig_len,
+        right_align=layout.right_align,
+    )
+    return Compaction(new, src, dropped, changed=True)
+
+
+def expand_to_original(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Re-expand per-row outputs (B, L', ...) to the original length (B, L, ...).
+
+    A dropped column takes the output of the closest kept row before it: for logits that is the
+    model's next-token prediction after the reduced prefix, which is what a caller reading
+    `logits[:, t]` to score token t+1 needs. Columns with no kept row before them get zeros.
+    """
+    b, rows = layout.shape
+    length = layout.orig_len
+    device = x.device
+    col = torch.where(layout.valid, layout.index, length).to(device)
+    row_of_col = torch.full((b, length + 1), -1, dtype=torch.long, device=device)
+    row_of_col.scatter_(1, col, torch.arange(rows, device=device).expand(b, rows).contiguous())
+    row_of_col = row_of_col[:, :length].cummax(dim=1).values
+    src = torch.where(row_of_col < 0, rows, row_of_col)
+    return gather_rows(x, src, fill=0)

@@ -1,0 +1,43 @@
+"""`random`: keep a seeded random subset of each image's tokens (baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtoken.ops.select import topk_mask
+from vtoken.reducers.base import Reducer, Selection, Stage, StageInput
+from vtoken.registry import register
+
+
+@register("random")
+@dataclass
+class RandomPrune(Reducer):
+    """Keep `keep` tokens per image chosen uniformly at random (boundary stage).
+
+    The random scores are a fixed function of `seed` and the token's raster position, so an image
+    keeps the same subset whatever batch it is in and however often it is run (and every image of
+    the same grid size keeps the same positions for a given seed: change `seed` to draw another).
+    """
+
+    stage: ClassVar[Stage] = "boundary"
+    keep: int | float | None = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._tables: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _scores(self, n: int, device: torch.device) -> torch.Tensor:
+        key = (n, str(device))
+        if key not in self._tables:
+            g = torch.Generator().manual_seed(self.seed)
+            self._tables[key] = torch.rand(n, generator=g).to(device)
+        return self._tables[key]
+
+    def select(self, x: StageInput) -> Selection:
+        n0 = max(h * w for h, w in x.grids)
+        scores = self._scores(n0, x.features.device)[x.positions.clamp(0, n0 - 1)]
+        return Selection(keep=topk_mask(scores, x.keep_tensor(), x.valid))

@@ -1,0 +1,45 @@
+"""Per-patch runtime state shared by the Patch handle and its adapter: reducers grouped by
+reduction point, the signals they need, the reducer timer and the statistics of the last call."""
+
+from __future__ import annotations
+
+from vtoken.errors import UnsupportedModelError
+from vtoken.reducers.base import STAGE_ORDER, Reducer, SignalRequest
+from vtoken.stats import Stats
+from vtoken.timing import Timer
+
+
+class Runtime:
+    """Reducers of one patch, ordered by stage (and by layer inside the decoder stage)."""
+
+    def __init__(self, reducers: list[Reducer]) -> None:
+        self.reducers = sorted(reducers, key=lambda r: (STAGE_ORDER[r.stage], r.layer or 0))
+        self.encoder = [r for r in self.reducers if r.stage == "encoder"]
+        self.boundary = [r for r in self.reducers if r.stage == "boundary"]
+        self.decoder: dict[int, list[Reducer]] = {}
+        for r in self.reducers:
+            if r.stage == "decoder":
+                self.decoder.setdefault(r.layer, []).append(r)  # type: ignore[arg-type]
+        self.signals: set[SignalRequest] = {s for r in self.reducers for s in r.signals()}
+        self.timer = Timer()
+        self.stats = Stats()
+        # End (exclusive, original columns) of the prompt: text-conditioned signals read only rows
+        # before it, so tokens appended after the prompt (a scored continuation, or generated tokens
+        # in a recompute without cache) never change the reduction. None: the whole input.
+        self.prompt_end: int | list[int] | None = None
+        # The ledger of the last prefill: final layout and the image spans, for inspection.
+        self.last_layout = None
+        self.last_spans: list = []
+
+    def check_stages(self, supported: frozenset[str], family: str) -> None:
+        for r in self.reducers:
+            if r.stage not in supported:
+                raise UnsupportedModelError(
+                    f"reducer {r.name!r} acts in the {r.stage} stage, which the {family} adapter does "
+                    f"not support (it supports: {', '.join(sorted(supported))})"
+                )
+
+    def new_stats(self) -> Stats:
+        self.stats = Stats()
+        self.timer.reset()
+        return self.stats

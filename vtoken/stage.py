@@ -1,0 +1,128 @@
+"""Run the reducers of one reduction point over a batch and apply their selections to the ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vtoken.errors import LayoutError
+from vtoken.ledger import ImageSpan, Layout, compact, gather_rows, image_rows
+from vtoken.reducers.base import Reducer, SignalRequest, StageInput
+from vtoken.timing import Timer
+
+RowSignal = Callable[[SignalRequest, Layout], torch.Tensor]
+
+
+@dataclass
+class PointResult:
+    """The outcome of one reduction point.
+
+    hidden:    (B, L', d) the rows that survive, with merged values written in.
+    layout:    the new layout.
+    src:       (B, L') row of the point's *input* layout each new row came from (input L on padding).
+    pos_shift: (B, L') amount to subtract from each new row's position id (None: positions unchanged).
+    dec_shift: (B,) amount to subtract from the position ids of tokens decoded later (None: 0).
+    changed:   False when nothing was dropped anywhere (every tensor can be left as it was).
+    """
+
+    hidden: torch.Tensor
+    layout: Layout
+    src: torch.Tensor
+    pos_shift: torch.Tensor | None
+    dec_shift: torch.Tensor | None
+    changed: bool
+
+
+def run_point(
+    reducers: Sequence[Reducer],
+    layout: Layout,
+    hidden: torch.Tensor,
+    spans: list[ImageSpan],
+    signal: RowSignal | None,
+    timer: Timer,
+) -> PointResult:
+    """Apply `reducers` in order at one point (all see the same model state, each the previous' output)."""
+    b, length = layout.shape
+    device = hidden.device
+    src_total = torch.arange(length, device=device).expand(b, length)
+    pos_shift: torch.Tensor | None = None
+    dec_shift: torch.Tensor | None = None
+    changed = False
+    starts = torch.tensor([s.start for s in spans], device=device, dtype=torch.long)
+    sample_of = [s.sample for s in spans]
+    for reducer in reducers:
+        if not layout.counts or max(layout.counts) == 0:
+            break
+        with timer:
+            keep = [reducer.budget(n) for n in layout.counts]
+            flat, valid = image_rows(layout)
+            d = hidden.shape[-1]
+            flat_hidden = hidden.reshape(b * length, d)
+
+            def aligned(req: SignalRequest, _flat=flat, _layout=layout, _name=reducer.name) -> torch.Tensor:
+                if signal is None:
+                    raise LayoutError(f"{_name}: no signal source for {req}")
+                return signal(req, _layout).reshape(-1)[_flat]
+
+            x = StageInput(
+                features=flat_hidden[flat],
+                valid=valid,
+                positions=layout.index.reshape(-1)[flat] - starts[:, None],
+                sizes=layout.size.reshape(-1)[flat],
+                grids=[s.grid for s in spans],
+                keep=keep,
+                _signal=aligned,
+            )
+            sel = reducer.select(x)
+            dump = b * length
+            idx = torch.where(valid, flat, dump).reshape(-1)
+            keep_flat = torch.cat([layout.valid.reshape(-1), layout.valid.new_zeros(1)])
+            keep_flat.index_copy_(0, idx, (sel.keep & valid).reshape(-1))
+            keep_rows = keep_flat[:-1].view(b, length)
+            if sel.values is not None:
+                h = torch.cat([flat_hidden, flat_hidden.new_zeros(1, d)])
+                h.index_copy_(0, idx, sel.values.reshape(-1, d).to(h.dtype))
+                hidden = h[:-1].view(b, length, d)
+            size = layout.size
+            if sel.sizes is not None:
+                s = torch.cat([size.reshape(-1), size.new_zeros(1)])
+                s.index_copy_(0, idx, sel.sizes.reshape(-1).to(s.dtype))
+                size = s[:-1].view(b, length)
+            lengths = list(layout.lengths)
+            for i, k in enumerate(keep):
+                lengths[sample_of[i]] -= layout.counts[i] - k
+            if not reducer.__module__.startswith("vtoken."):
+                _check_counts(reducer, sel.keep & valid, keep)
+            comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
+            comp.layout.counts = keep
+            if not comp.changed:
+                layout = comp.layout
+                continue
+            changed = True
+            if reducer.renumber:
+                dropped = comp.dropped.long()
+                before = dropped.cumsum(1) - dropped
+                pos_shift = before if pos_shift is None else pos_shift + before
+                total = dropped.sum(1)
+                dec_shift = total if dec_shift is None else dec_shift + total
+            if pos_shift is not None:
+                pos_shift = gather_rows(pos_shift, comp.src, fill=0)
+            hidden = gather_rows(hidden, comp.src, fill=0)
+            src_total = gather_rows(src_total, comp.src, fill=length)
+            length = comp.layout.shape[1]
+            layout = comp.layout
+    return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed)
+
+
+def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int]) -> None:
+    """Third-party reducers are checked to keep exactly their budget (built-ins are tested instead;
+    the check reads device memory, which would stall the GPU pipeline)."""
+    got = keep.sum(1).tolist()
+    if got != expected:
+        raise LayoutError(
+            f"reducer {reducer.name!r} kept {got} tokens per image but its budget is {expected}; "
+            "Selection.keep must have exactly the budget set per image"
+        )
