@@ -36,7 +36,7 @@ from vtoken.adapter import Adapter
 from vtoken.errors import BudgetError, LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, decode_step_flops, layer_flops, linear_flops
 from vtoken.ledger import ImageSpan, Layout, expand_to_original, gather_rows
-from vtoken.reducers.base import SignalRequest
+from vtoken.reducers.base import ModelInfo, Signal, SignalRequest
 from vtoken.stage import run_point
 
 STATE_ATTR = "_vtoken_decode"
@@ -86,6 +86,8 @@ class Call:
     tail: torch.Tensor | None = None  # decode: 2-D mask columns of the tokens after the prefill
     n_new: int = 0
     signal_flops: int = 0
+    point: dict[str, Any] | None = None  # the decoder point being reduced: its layer and input
+    ttv: torch.Tensor | None = None  # (B, L_orig + 1) TTV accumulated per original column
 
 
 class HFVisionLanguageAdapter(Adapter):
@@ -126,6 +128,9 @@ class HFVisionLanguageAdapter(Adapter):
         """(vision tower FLOPs, projector FLOPs) of the images of the last vision-tower run."""
         return 0, 0
 
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers))
+
     # --- installation ------------------------------------------------------------------------------
     def install(self) -> None:
         rt = self.runtime
@@ -143,7 +148,7 @@ class HFVisionLanguageAdapter(Adapter):
             if any(r.renumber for r in reducers) and self.rotary is None:
                 raise UnsupportedModelError("renumber=True needs the language model's rotary_emb module")
         for req in rt.signals:
-            if req.kind == "llm_attention" and not 0 <= req.layer < n_layers:
+            if req.kind.startswith(("llm_", "ttv")) and not 0 <= req.layer < n_layers:
                 raise SignalError(f"{req} asks for layer {req.layer}, but the LLM has {n_layers} layers")
         self._check_static_budgets()
         self._sig = inspect.signature(self.model.forward)
@@ -152,14 +157,22 @@ class HFVisionLanguageAdapter(Adapter):
         self.handles.append(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
         self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
-        signal_layers = {r.layer for r in rt.signals if r.kind == "llm_attention"}
-        first = min([*rt.decoder, *signal_layers], default=n_layers)
+        signal_layers = self._signal_layers()
+        ttv = [r for r in rt.signals if r.kind == "ttv"]
+        ttv_end = max(rt.decoder, default=0)
+        first = min([*rt.decoder, *signal_layers, *(r.layer for r in ttv)], default=n_layers)
         for i in range(first, n_layers):
             self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         for i in sorted(signal_layers):
             attn = self.layers[i].self_attn
             for name in ("q_proj", "k_proj"):
                 self.handles.append(getattr(attn, name).register_forward_hook(self._proj_hook(i, name)))
+        if len({r.query for r in ttv}) > 1:
+            raise SignalError("reducers disagree on the TTV direction variant; use one per patch")
+        for i in range(min((r.layer for r in ttv), default=ttv_end), ttv_end):
+            layer = self.layers[i]
+            self.handles.append(layer.self_attn.register_forward_hook(self._ttv_hook(ttv[0].query), with_kwargs=True))
+            self.handles.append(layer.mlp.register_forward_hook(self._ttv_hook(ttv[0].query), with_kwargs=True))
         self.install_vision()
 
     def install_vision(self) -> None:
@@ -170,9 +183,9 @@ class HFVisionLanguageAdapter(Adapter):
         n = self.static_image_tokens()
         if n is None:
             return
-        for r in self.runtime.reducers:
-            if r.stage in ("boundary", "decoder") and r.static_count(n) is not None:
-                n = r.static_count(n)  # resolves the budget, raising BudgetError if keep > n
+        for layer, reducers in self.runtime.points():
+            for r in reducers:
+                n = r.budget(n, layer)  # raises BudgetError if an int keep exceeds n
 
     def static_image_tokens(self) -> int | None:
         """Tokens per image if every image has the same count (None if it varies)."""
@@ -320,10 +333,12 @@ class HFVisionLanguageAdapter(Adapter):
             pos = torch.arange(length, device=embeds.device)[None]
         pos = pos.expand(*pos.shape[:-2], b, length)
         call.layout, call.pos = layout, pos
+        self.prepare_vision(embeds)
         rt = self.runtime
         if not rt.boundary:
             return None
-        res = run_point(rt.boundary, layout, embeds, call.spans, self._signal, rt.timer)
+        res = run_point(rt.boundary, layout, embeds, call.spans, self._signal, rt.timer,
+                        project=self.projector())
         call.layout = res.layout
         if not res.changed:
             return None
@@ -395,7 +410,10 @@ class HFVisionLanguageAdapter(Adapter):
         rt = self.runtime
         hidden = args[0] if args else kwargs["hidden_states"]
         if i in rt.decoder and call.layout is not None:
-            res = run_point(rt.decoder[i], call.layout, hidden, call.spans, self._signal, rt.timer)
+            cur = call.seg_kwargs if call.seg_kwargs is not None else kwargs
+            call.point = {"layer": i, "hidden": hidden, "position_embeddings": cur["position_embeddings"]}
+            res = run_point(rt.decoder[i], call.layout, hidden, call.spans, self._signal, rt.timer, layer=i)
+            call.point = None
             call.layout = res.layout
             if res.changed:
                 pos = gather_rows(call.pos, res.src, dim=-1)
@@ -452,6 +470,34 @@ class HFVisionLanguageAdapter(Adapter):
     def _signal_layers(self) -> set[int]:
         return {r.layer for r in self.runtime.signals if r.kind == "llm_attention"}
 
+    def _ttv_hook(self, variant: str):
+        """Token transition variation of one sub-block (TransPrune Eq. 1-2), accumulated per column.
+
+        T_in is the sub-block's (normalised) input, T_out its output before the residual:
+        TTV = |T_out| / |T_in| * softmax_rows(1 - cos(T_out, T_in)), the softmax over each sample's
+        real rows. variant "signed" follows the official code; "abs" the paper's 1 - |cos|.
+        """
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            call = self.call
+            if call.mode != "prefill" or call.layout is None:
+                return
+            t_in = args[0] if args else kwargs["hidden_states"]
+            t_out = output[0] if isinstance(output, tuple) else output
+            t_in, t_out = t_in.float(), t_out.float()
+            mag = t_out.norm(dim=-1) / t_in.norm(dim=-1).clamp_min(1e-12)
+            cos = torch.nn.functional.cosine_similarity(t_out, t_in, dim=-1)
+            direction = 1 - (cos.abs() if variant == "abs" else cos)
+            lay = call.layout
+            valid = lay.valid.to(direction.device)
+            ttv = mag * direction.masked_fill(~valid, float("-inf")).softmax(-1)
+            if call.ttv is None:
+                call.ttv = torch.zeros(ttv.shape[0], lay.orig_len + 1, device=ttv.device)
+            col = torch.where(valid, lay.index.to(ttv.device), lay.orig_len)
+            call.ttv.scatter_add_(1, col, ttv.masked_fill(~valid, 0))
+
+        return hook
+
     def _proj_hook(self, i: int, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if self.call.mode == "prefill":
@@ -459,18 +505,35 @@ class HFVisionLanguageAdapter(Adapter):
 
         return hook
 
-    def _signal(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
-        """A row-aligned signal (B, L) in `layout`, computed on demand."""
+    def _signal(self, req: SignalRequest, layout: Layout) -> Signal:
+        """The requested signal for the tokens of `layout`, computed on demand."""
         if req.kind == "llm_attention":
-            return self._llm_attention(req, layout)
+            return Signal(self._llm_attention(req, layout), "rows")
+        if req.kind == "llm_attention_pre":
+            return Signal(self._llm_attention_pre(req, layout), "rows")
+        if req.kind == "ttv":
+            if self.call.ttv is None:
+                raise SignalError("no TTV was accumulated before this point (check the accumulation layers)")
+            col = torch.where(layout.valid, layout.index, layout.orig_len).to(self.call.ttv.device)
+            return Signal(self.call.ttv.gather(1, col), "rows")
+        if req.kind.startswith("vision_"):
+            return Signal(self.vision_signal(req), "raster")
         raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
 
-    def _llm_attention(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
-        """Attention each row receives at LLM layer `req.layer` from the query rows, mean over heads.
+    def vision_signal(self, req: SignalRequest) -> torch.Tensor:
+        """(n_img, N0, ...) per image of this prefill, in raster order; subclasses provide it."""
+        raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
 
-        Computed from that layer's captured q_proj / k_proj outputs with its RoPE and the causal +
-        padding mask: softmax(q k^T * scaling) exactly as eager attention does, for the query rows only.
-        """
+    def projector(self):
+        """Callable mapping vision features into the LLM embedding space, if the family has one."""
+        return None
+
+    def prepare_vision(self, embeds: torch.Tensor) -> None:
+        """Called at the start of each prefill: locate this call's images among captured vision signals."""
+
+    def _llm_attention(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
+        """Attention each row receives at LLM layer `req.layer` (which already ran in this forward),
+        from that layer's captured q_proj / k_proj outputs."""
         cap = self.call.captures.get(req.layer, {})
         if "q_proj" not in cap or "k_proj" not in cap:
             raise SignalError(f"attention of LLM layer {req.layer} was not captured in this forward")
@@ -480,47 +543,69 @@ class HFVisionLanguageAdapter(Adapter):
                 "being reduced (another reducer acted in between); put the reducers at the same layer"
             )
         attn = self.layers[req.layer].self_attn
+        return self._received(attn, req.query, layout, cap["q_proj"], cap["k_proj"], cap["position_embeddings"])
+
+    def _llm_attention_pre(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
+        """Attention each row would receive in LLM layer `req.layer`, computed from the hidden states
+        entering it (its input norm, q/k projections and RoPE), before the layer runs."""
+        point = self.call.point
+        if point is None or point["layer"] != req.layer:
+            raise SignalError(f"{req} can only be read by a reducer acting before LLM layer {req.layer}")
+        layer = self.layers[req.layer]
+        normed = layer.input_layernorm(point["hidden"])
+        attn = layer.self_attn
+        self.call.signal_flops += 2 * normed.shape[0] * normed.shape[1] * normed.shape[2] * (
+            attn.q_proj.out_features + attn.k_proj.out_features)
+        return self._received(attn, req.query, layout, attn.q_proj(normed), attn.k_proj(normed),
+                              point["position_embeddings"])
+
+    def _received(self, attn: nn.Module, query: str, layout: Layout, q_proj: torch.Tensor, k_proj: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, L) attention probability each row receives from the query rows, mean over heads.
+
+        softmax(q k^T * scaling) under the causal + padding mask, exactly as eager attention does,
+        with the layer's q/k norms and RoPE. query: "last" (the last prompt row), "instruction" (mean
+        over the rows after the last image), "visual" (mean over the visual rows).
+        """
         b, length = layout.shape
         hd = attn.head_dim
-        q = cap["q_proj"].view(b, length, -1, hd)
-        k = cap["k_proj"].view(b, length, -1, hd)
+        q = q_proj.view(b, length, -1, hd)
+        k = k_proj.view(b, length, -1, hd)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q_rows, q, k = q, q.transpose(1, 2), k.transpose(1, 2)
         rows = torch.arange(length, device=q.device)
         valid = layout.valid.to(q.device)
         end = self.runtime.prompt_end
         if end is not None:  # only the prompt's rows may serve as queries
             end_t = torch.as_tensor(end, device=q.device).expand(b)
             valid = valid & (layout.index.to(q.device) < end_t[:, None])
-        last = torch.where(valid, rows, -1).amax(1)  # (B,) last real row = last prompt token
-        if req.query == "last":
-            qsel = last[:, None]
-        elif req.query == "instruction":
-            is_img = layout.image.to(q.device) >= 0
-            last_img = torch.where(is_img, rows, -1).amax(1)
-            qmask = valid & (rows[None] > last_img[:, None])
-            qsel = None
-        else:
-            raise SignalError(f"unknown query {req.query!r} for llm_attention (use 'last' or 'instruction')")
-        cos, sin = cap["position_embeddings"]
+        cos, sin = position_embeddings
         rope = self._rope_fn(attn)
-        k = rope(k, cos, sin)
-        if qsel is not None:
+        k = rope(k.transpose(1, 2), cos, sin)
+        if query == "last":
+            qsel = torch.where(valid, rows, -1).amax(1)[:, None]  # (B, 1) the last prompt row
             cq = gather_rows(cos, qsel, dim=self.pos_emb_seq_dim)
             sq = gather_rows(sin, qsel, dim=self.pos_emb_seq_dim)
-            qh = rope(gather_rows(q_rows, qsel, dim=1).transpose(1, 2), cq, sq)  # (B, H, 1, hd)
-            qrow = qsel
-        else:
-            qh = rope(q, cos, sin)
+            qh = rope(gather_rows(q, qsel, dim=1).transpose(1, 2), cq, sq)  # (B, H, 1, hd)
+            qrow, qmask = qsel, None
+        elif query in ("instruction", "visual"):
+            is_img = layout.image.to(q.device) >= 0
+            if query == "instruction":
+                last_img = torch.where(is_img, rows, -1).amax(1)
+                qmask = valid & (rows[None] > last_img[:, None])
+            else:
+                qmask = valid & is_img
+            qh = rope(q.transpose(1, 2), cos, sin)
             qrow = rows[None].expand(b, length)
+        else:
+            raise SignalError(f"unknown query {query!r} for LLM attention (use 'last', 'instruction', 'visual')")
         groups = qh.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         logits = torch.matmul(qh.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
         allowed = valid[:, None, None, :] & (rows[None, None, None, :] <= qrow[:, None, :, None])
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).mean(1)  # (B, Q, L)
-        self.call.signal_flops += 2 * qh.shape[2] * length * qh.shape[1] * hd * b
-        if qsel is not None:
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # (B, Q, L)
+        self.call.signal_flops += 4 * b * qh.shape[1] * qh.shape[2] * length * hd
+        if qmask is None:
             return probs[:, 0]
         w = qmask.float()
         return (probs * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)

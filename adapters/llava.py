@@ -20,7 +20,10 @@ from torch import nn
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
+from vtoken.errors import SignalError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
+from vtoken.ops.attention import fingerprint, received_attention
+from vtoken.reducers.base import ModelInfo, SignalRequest
 
 
 @register_adapter
@@ -75,14 +78,112 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         mm = inputs.get("mm_encoder_outputs") or {}
         return inputs.get("pixel_values") is not None or mm.get("image") is not None
 
-    # --- vision tower: statistics --------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            family=self.family, llm_layers=len(self.language_model().layers),
+            vision_layers=len(self.vision_tower().encoder.layers), feature_layer=self.feature_layer(),
+            has_cls=self.model.config.vision_feature_select_strategy == "default",
+        )
+
+    # --- vision tower: statistics and signals ----------------------------------------------------------
+    def feature_layer(self) -> int:
+        """0-based index of the vision layer whose output the projector reads (the last one, if several)."""
+        fl = self.model.config.vision_feature_layer
+        fl = max(fl) if isinstance(fl, (list, tuple)) else fl
+        n = len(self.vision_tower().encoder.layers)
+        return n + fl if fl < 0 else fl - 1
+
+    def vision_layer(self, layer: int) -> int:
+        """Resolve a signal's vision layer (-1: the feature layer)."""
+        n = len(self.vision_tower().encoder.layers)
+        idx = self.feature_layer() if layer == -1 else layer
+        if not 0 <= idx < n:
+            raise SignalError(f"vision layer {layer} does not exist; the tower has {n} layers (0..{n - 1})")
+        return idx
+
     def install_vision(self) -> None:
-        self.handles.append(self.vision_tower().register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        tower = self.vision_tower()
+        self.handles.append(tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_")]
+        self.vision_capture: dict[str, Any] | None = None
+        self._vision_rows: torch.Tensor | None = None
+        if not reqs:
+            return
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise SignalError("vision signals need vision_feature_select_strategy='default' (CLS dropped)")
+        for layer in sorted({self.vision_layer(r.layer) for r in reqs if r.kind != "vision_features"}):
+            attn = tower.encoder.layers[layer].self_attn
+            for name in ("q_proj", "k_proj"):
+                self.handles.append(getattr(attn, name).register_forward_hook(self._capture(f"{name}{layer}")))
+        proj = self.model.model.multi_modal_projector
+        self.handles.append(proj.register_forward_hook(self._capture_projector))
 
     def _vision_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         pixels = args[0] if args else kwargs.get("pixel_values")
         if pixels is not None:
             self.vision_record = (pixels.shape[0], pixels.shape[-2] * pixels.shape[-1])
+            self.vision_capture = {}
+
+    def _capture(self, key: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.vision_capture is not None:
+                self.vision_capture[key] = output
+
+        return hook
+
+    def _capture_projector(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.vision_capture is not None:
+            self.vision_capture["features"] = inputs[0]
+            self.vision_capture["fingerprint"] = fingerprint(output)
+
+    def prepare_vision(self, embeds: torch.Tensor) -> None:
+        """Match this prefill's images to the last vision-tower run by their projected features.
+
+        The tower may have run before this call (generate() encodes images first, beam search then
+        repeats them), so each image's features are found by value, never assumed by position.
+        """
+        if not any(r.kind.startswith("vision_") for r in self.runtime.signals):
+            return
+        cap = self.vision_capture
+        if not cap or "fingerprint" not in cap:
+            raise SignalError(
+                "vision signals were not captured for these images: their features were computed "
+                "before the model was patched; run the patched model on pixel_values"
+            )
+        d = embeds.shape[-1]
+        idx = torch.stack([torch.arange(s.start, s.start + s.n) + s.sample * embeds.shape[1]
+                           for s in self.call.spans]).to(embeds.device)
+        mine = fingerprint(embeds.reshape(-1, d)[idx])
+        theirs = cap["fingerprint"].to(mine.device)
+        close = ((mine[:, None] - theirs[None]).abs() <= 1e-6 * (theirs.abs()[None] + 1)).all(-1)
+        if not bool(close.any(1).all()):
+            raise SignalError(
+                "the images of this call do not match the last vision-tower run; vtoken reads vision "
+                "signals from the tower run that produced the features (pass pixel_values to the call)"
+            )
+        self._vision_rows = close.float().argmax(1)
+
+    def vision_signal(self, req: SignalRequest) -> torch.Tensor:
+        cap = self.vision_capture or {}
+        rows = self._vision_rows
+        if rows is None:
+            raise SignalError(f"{req} was not captured in this forward")
+        if req.kind == "vision_features":
+            return cap["features"][rows]
+        layer = self.vision_layer(req.layer)
+        q, k = cap.get(f"q_proj{layer}"), cap.get(f"k_proj{layer}")
+        if q is None or k is None:
+            raise SignalError(f"vision layer {layer} was not captured (asked: {req})")
+        q, k = q[rows], k[rows]
+        attn = self.vision_tower().encoder.layers[layer].self_attn
+        if req.kind == "vision_attention":
+            return received_attention(q, k, attn.num_heads, attn.scale, req.query)[:, 1:]
+        if req.kind == "vision_keys":
+            return k.view(*k.shape[:2], attn.num_heads, -1).mean(2)[:, 1:]
+        raise SignalError(f"the llava adapter does not provide signal {req.kind!r}")
+
+    def projector(self):
+        return self.model.model.multi_modal_projector
 
     def vision_spec(self) -> TransformerSpec:
         vc = self.model.config.vision_config

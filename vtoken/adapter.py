@@ -12,6 +12,7 @@ from torch import nn
 from vtoken.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
+    from vtoken.reducers.base import ModelInfo
     from vtoken.runtime import Runtime
 
 _ADAPTERS: list[type[Adapter]] = []
@@ -30,10 +31,14 @@ class Adapter(ABC):
     default_reducer: ClassVar[tuple[str, dict[str, Any]]] = ("fastv", {"keep": 0.5})
     supports: ClassVar[str] = ""  # human-readable list of supported classes
 
-    def __init__(self, model: nn.Module, runtime: Runtime) -> None:
+    def __init__(self, model: nn.Module, runtime: Runtime | None = None) -> None:
         self.model = model
-        self.runtime = runtime
+        self.runtime = runtime  # set by vtoken.patch before install()
         self.handles: list[Any] = []
+
+    @abstractmethod
+    def model_info(self) -> ModelInfo:
+        """Facts reducers use to resolve per-model defaults (layer counts, feature layer, ...)."""
 
     @classmethod
     @abstractmethod

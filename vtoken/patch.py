@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -160,9 +161,16 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
         )
     adapter_cls = find_adapter(model)
     reducers, note = _resolve(reducer, params, adapter_cls.default_reducer)
-    runtime = Runtime(reducers)
+    adapter = adapter_cls(model)
+    info = adapter.model_info()
+    parts: list[Reducer] = []
+    for r in reducers:
+        r = copy.copy(r)  # instances may be shared between patches of different models
+        r.configure(info)
+        parts.extend(r.parts())
+    runtime = Runtime(parts)
     runtime.check_stages(adapter_cls.stages, adapter_cls.family)
-    adapter = adapter_cls(model, runtime)
+    adapter.runtime = runtime
     try:
         adapter.install()
     except BaseException:

@@ -19,7 +19,9 @@ class Runtime:
         self.decoder: dict[int, list[Reducer]] = {}
         for r in self.reducers:
             if r.stage == "decoder":
-                self.decoder.setdefault(r.layer, []).append(r)  # type: ignore[arg-type]
+                for layer in r.layers:
+                    self.decoder.setdefault(layer, []).append(r)
+        self.decoder = dict(sorted(self.decoder.items()))
         self.signals: set[SignalRequest] = {s for r in self.reducers for s in r.signals()}
         self.timer = Timer()
         self.stats = Stats()
@@ -38,6 +40,11 @@ class Runtime:
                     f"reducer {r.name!r} acts in the {r.stage} stage, which the {family} adapter does "
                     f"not support (it supports: {', '.join(sorted(supported))})"
                 )
+
+    def points(self) -> list[tuple[int | None, list[Reducer]]]:
+        """Reduction points in the order tokens meet them: (None, boundary), then (layer, decoder)."""
+        out: list[tuple[int | None, list[Reducer]]] = [(None, self.boundary)] if self.boundary else []
+        return out + list(self.decoder.items())
 
     def new_stats(self) -> Stats:
         self.stats = Stats()

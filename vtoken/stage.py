@@ -10,10 +10,11 @@ import torch
 
 from vtoken.errors import LayoutError
 from vtoken.ledger import ImageSpan, Layout, compact, gather_rows, image_rows
-from vtoken.reducers.base import Reducer, SignalRequest, StageInput
+from vtoken.reducers.base import Reducer, Signal, SignalRequest, StageInput
 from vtoken.timing import Timer
 
-RowSignal = Callable[[SignalRequest, Layout], torch.Tensor]
+SignalSource = Callable[[SignalRequest, Layout], Signal]
+Projector = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -41,8 +42,10 @@ def run_point(
     layout: Layout,
     hidden: torch.Tensor,
     spans: list[ImageSpan],
-    signal: RowSignal | None,
+    signal: SignalSource | None,
     timer: Timer,
+    layer: int | None = None,
+    project: Projector | None = None,
 ) -> PointResult:
     """Apply `reducers` in order at one point (all see the same model state, each the previous' output)."""
     b, length = layout.shape
@@ -57,26 +60,28 @@ def run_point(
         if not layout.counts or max(layout.counts) == 0:
             break
         with timer:
-            keep = [reducer.budget(n) for n in layout.counts]
+            keep = [reducer.budget(n, layer) for n in layout.counts]
             flat, valid = image_rows(layout)
             d = hidden.shape[-1]
             flat_hidden = hidden.reshape(b * length, d)
-
-            def aligned(req: SignalRequest, _flat=flat, _layout=layout, _name=reducer.name) -> torch.Tensor:
-                if signal is None:
-                    raise LayoutError(f"{_name}: no signal source for {req}")
-                return signal(req, _layout).reshape(-1)[_flat]
-
+            positions = layout.index.reshape(-1)[flat] - starts[:, None]
+            aligned = _aligner(signal, layout, flat, positions, valid, reducer.name)
             x = StageInput(
                 features=flat_hidden[flat],
                 valid=valid,
-                positions=layout.index.reshape(-1)[flat] - starts[:, None],
+                positions=positions,
                 sizes=layout.size.reshape(-1)[flat],
                 grids=[s.grid for s in spans],
                 keep=keep,
+                layer=layer,
+                project=project,
                 _signal=aligned,
             )
             sel = reducer.select(x)
+            if reducer.adaptive:
+                if sel.counts is None:
+                    raise LayoutError(f"adaptive reducer {reducer.name!r} must report Selection.counts")
+                keep = list(sel.counts)
             dump = b * length
             idx = torch.where(valid, flat, dump).reshape(-1)
             keep_flat = torch.cat([layout.valid.reshape(-1), layout.valid.new_zeros(1)])
@@ -94,7 +99,7 @@ def run_point(
             lengths = list(layout.lengths)
             for i, k in enumerate(keep):
                 lengths[sample_of[i]] -= layout.counts[i] - k
-            if not reducer.__module__.startswith("vtoken."):
+            if not reducer.__module__.startswith("vtoken.") or reducer.adaptive:
                 _check_counts(reducer, sel.keep & valid, keep)
             comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
             comp.layout.counts = keep
@@ -115,6 +120,23 @@ def run_point(
             length = comp.layout.shape[1]
             layout = comp.layout
     return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed)
+
+
+def _aligner(signal: SignalSource | None, layout: Layout, flat: torch.Tensor, positions: torch.Tensor,
+             valid: torch.Tensor, name: str) -> Callable[[SignalRequest], torch.Tensor]:
+    """Signal lookup for one StageInput: rows- or raster-aligned values gathered to (n_img, N, ...)."""
+
+    def aligned(req: SignalRequest) -> torch.Tensor:
+        if signal is None:
+            raise LayoutError(f"{name}: no signal source for {req}")
+        sig = signal(req, layout)
+        v = sig.value
+        if sig.aligned == "rows":
+            return v.reshape(-1, *v.shape[2:])[flat]
+        idx = positions.clamp(0, v.shape[1] - 1).masked_fill(~valid, 0)
+        return v[torch.arange(v.shape[0], device=v.device)[:, None], idx.to(v.device)]
+
+    return aligned
 
 
 def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int]) -> None:

@@ -25,16 +25,44 @@ STAGE_ORDER: dict[str, int] = {"encoder": 0, "boundary": 1, "decoder": 2, "atten
 class SignalRequest:
     """A quantity a reducer needs, computed by the adapter only when some reducer asks for it.
 
-    kind:
-      - ``"llm_attention"``: attention probability each sequence row receives at LLM layer `layer`
-        (0-based), mean over heads, from the query rows named by `query` (``"last"``: the last prompt
-        token; ``"instruction"``: the text after the last image). Computed on a side path from that
-        layer's q/k with its RoPE, so the model keeps its attention kernel.
+    kind (layers are 0-based; vision layer -1 means the tower's feature layer, the one the LLM reads):
+      - ``"llm_attention"``: attention probability each sequence row receives at LLM layer `layer`,
+        mean over heads, from the query rows named by `query` (``"last"``: the last prompt token;
+        ``"instruction"``: the text after the last image, mean over those rows). Computed on a side
+        path from that layer's q/k with its RoPE, so the model keeps its attention kernel.
+      - ``"vision_attention"``: per patch, attention received in vision layer `layer`, mean over heads;
+        `query="all"`: mean over all query rows (HiPrune), `query="cls"`: the CLS row (VisionZip,
+        ToDRE). Side path from the layer's q/k.
+      - ``"vision_keys"``: per patch, that layer's keys, mean over heads ((N, head_dim)).
+      - ``"vision_features"``: per patch, the vision features the projector reads ((N, d_vision)).
     """
 
     kind: str
     layer: int
     query: str = "last"
+
+
+@dataclass
+class Signal:
+    """A signal's value as the adapter provides it.
+
+    aligned="rows":   (B, L, ...) over the rows of the layout being reduced.
+    aligned="raster": (n_img, N0, ...) per image over its original raster positions.
+    """
+
+    value: torch.Tensor
+    aligned: Literal["rows", "raster"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a reducer may need to know about the model to resolve its per-model defaults."""
+
+    family: str  # adapter family, e.g. "llava"
+    llm_layers: int
+    vision_layers: int | None = None
+    feature_layer: int | None = None  # 0-based vision layer whose output reaches the projector
+    has_cls: bool = True  # the vision tower has a CLS token (VisionZip / ToDRE pivots)
 
 
 @dataclass
@@ -44,11 +72,14 @@ class Selection:
     keep:   (n_img, N) bool; exactly the per-image budget is True (never a padded slot).
     values: (n_img, N, d) replacement features, read at kept slots only (None: unchanged).
     sizes:  (n_img, N) how many original tokens each survivor stands for (None: unchanged).
+    counts: reducers whose count depends on the content (`adaptive = True`) report the number of
+            True slots per image here; the budget is then an upper bound.
     """
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    counts: list[int] | None = None  # adaptive reducers only: the kept count per image (host ints)
 
 
 @dataclass
@@ -61,6 +92,9 @@ class StageInput:
     sizes:     (n_img, N) float, original tokens each token stands for (1 unless merged before).
     grids:     per image, its original (rows, cols) grid.
     keep:      per image, how many tokens the reducer must keep.
+    layer:     the LLM layer this point sits before (decoder stage), else None.
+    project:   maps vision features (..., d_vision) into the LLM's embedding space (the model's
+               projector), for reducers that build new tokens in vision space; None if unavailable.
     """
 
     features: torch.Tensor
@@ -69,7 +103,9 @@ class StageInput:
     sizes: torch.Tensor
     grids: list[tuple[int, int]]
     keep: list[int]
-    _signal: Callable[[SignalRequest], torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
+    layer: int | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
+    _signal: Callable[[SignalRequest], torch.Tensor] | None = field(repr=False, default=None)
 
     def signal(self, request: SignalRequest) -> torch.Tensor:
         """The requested signal for these tokens, (n_img, N), aligned with `features`."""
@@ -95,6 +131,7 @@ class Reducer:
 
     name: ClassVar[str] = ""
     stage: ClassVar[Stage] = "boundary"
+    adaptive: ClassVar[bool] = False  # the kept count depends on the content (Selection.counts)
     keep: Keep | None = None
     renumber: bool = False
 
@@ -109,19 +146,27 @@ class Reducer:
         """LLM layer index (0-based) before which a decoder-stage reducer acts; None otherwise."""
         return None
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every LLM layer a decoder-stage reducer acts before (several for multi-step schedules)."""
+        return () if self.layer is None else (self.layer,)
+
     def signals(self) -> tuple[SignalRequest, ...]:
         """Signals this reducer reads; the adapter captures exactly these."""
         return ()
 
-    def budget(self, n: int) -> int:
-        """Tokens to keep for an image that has `n` tokens when it reaches this reducer."""
+    def configure(self, info: ModelInfo) -> None:
+        """Resolve defaults that depend on the model (layers, ...); called once when patching."""
+
+    def parts(self) -> list[Reducer]:
+        """The reducers this one installs as (a method acting in several stages returns one per stage)."""
+        return [self]
+
+    def budget(self, n: int, layer: int | None = None) -> int:
+        """Tokens to keep for an image that has `n` tokens when it reaches this reducer (at `layer`)."""
         if self.keep is None:
             raise ParameterError(f"{self.name}: no budget given; pass keep=<int tokens or float fraction>")
         return resolve_keep(self.keep, n)
-
-    def static_count(self, n: int) -> int | None:
-        """Tokens left for an image of `n` tokens if that count is fixed in advance (None if adaptive)."""
-        return self.budget(n)
 
     # --- what the reducer computes -------------------------------------------------------------
     def select(self, x: StageInput) -> Selection:
@@ -132,7 +177,8 @@ class Reducer:
         params = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.init
         )
-        where = f"{self.stage}" + (f" @ LLM layer {self.layer}" if self.layer is not None else "")
+        layers = ",".join(map(str, self.layers))
+        where = f"{self.stage}" + (f" @ LLM layer {layers}" if layers else "")
         return f"{self.name}({params}) [{where}]"
 
 

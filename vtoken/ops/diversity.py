@@ -1,0 +1,48 @@
+"""Greedy diversity selection over token features (k-center / max-min and max-sum), batched over images.
+
+Both are O(N k d): k greedy steps, each one batched tensor op over all images (a (n, N, d) x (n, d)
+product and a masked argmin). Images with smaller budgets simply stop being updated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def greedy_diverse(
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    k: list[int],
+    first: torch.Tensor,
+    mode: str = "maxmin",
+) -> torch.Tensor:
+    """Select k[i] tokens of image i, starting from token `first[i]`, that are spread out in feature space.
+
+    x: (n, N, d) features (cosine similarity is used: they are L2-normalised here); valid: (n, N);
+    k: budget per image (host ints); first: (n,) index of the first pick (the pivot).
+    mode="maxmin" (k-center / farthest point): each step adds the token whose highest similarity to
+      the selected set is lowest — argmin_j max_{s in S} cos(x_j, x_s).
+    mode="maxsum": each step adds the token whose summed similarity to the selected set is lowest —
+      argmin_j sum_{s in S} cos(x_j, x_s) (ToDRE v2).
+    Returns the (n, N) bool selection mask.
+    """
+    n, big_n, _ = x.shape
+    device = x.device
+    xn = F.normalize(x.float(), dim=-1)
+    rows = torch.arange(n, device=device)
+    chosen = torch.zeros(n, big_n, dtype=torch.bool, device=device)
+    steps = max(k, default=0)
+    k = torch.tensor(k, device=device, dtype=torch.long)
+    active = k > 0
+    chosen[rows, first] = active
+    sim = torch.einsum("nid,nd->ni", xn, xn[rows, first])
+    score = sim.clone()  # max (maxmin) or sum (maxsum) of similarities to the selected set
+    for step in range(1, steps):
+        blocked = chosen | ~valid
+        cand = score.masked_fill(blocked, float("inf")).argmin(1)
+        take = active & (k > step)
+        chosen[rows, cand] |= take
+        sim = torch.einsum("nid,nd->ni", xn, xn[rows, cand])
+        score = torch.maximum(score, sim) if mode == "maxmin" else score + sim
+    return chosen & valid
