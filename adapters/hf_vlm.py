@@ -183,9 +183,14 @@ class HFVisionLanguageAdapter(Adapter):
         n = self.static_image_tokens()
         if n is None:
             return
+        entry = n
         for layer, reducers in self.runtime.points():
             for r in reducers:
-                n = r.budget(n, layer)  # raises BudgetError if an int keep exceeds n
+                if r.adaptive:
+                    continue
+                n = r.budget(n, layer, entry)  # raises BudgetError if an int keep exceeds n
+            if layer is None:
+                entry = n
 
     def static_image_tokens(self) -> int | None:
         """Tokens per image if every image has the same count (None if it varies)."""
@@ -339,6 +344,7 @@ class HFVisionLanguageAdapter(Adapter):
             return None
         res = run_point(rt.boundary, layout, embeds, call.spans, self._signal, rt.timer,
                         project=self.projector())
+        res.layout.entry = list(res.layout.counts)
         call.layout = res.layout
         if not res.changed:
             return None
@@ -424,7 +430,7 @@ class HFVisionLanguageAdapter(Adapter):
                 if new_rope:
                     pe = self.rotary(res.hidden, pos)
                 else:
-                    pe = tuple(gather_rows(t, res.src, dim=self.pos_emb_seq_dim) for t in kwargs["position_embeddings"])
+                    pe = tuple(gather_rows(t, res.src, dim=self.pos_emb_seq_dim) for t in cur["position_embeddings"])
                 mask = create_causal_mask(
                     config=self.text_config(), inputs_embeds=res.hidden, attention_mask=res.layout.valid,
                     past_key_values=kwargs.get("past_key_values"), position_ids=pos, layer_idx=i,
@@ -468,7 +474,8 @@ class HFVisionLanguageAdapter(Adapter):
 
     # --- signals -----------------------------------------------------------------------------------
     def _signal_layers(self) -> set[int]:
-        return {r.layer for r in self.runtime.signals if r.kind == "llm_attention"}
+        """LLM layers whose q/k are captured (their attention is read after they ran)."""
+        return {r.layer for r in self.runtime.signals if r.kind in ("llm_attention", "llm_modality_mass")}
 
     def _ttv_hook(self, variant: str):
         """Token transition variation of one sub-block (TransPrune Eq. 1-2), accumulated per column.
@@ -489,8 +496,8 @@ class HFVisionLanguageAdapter(Adapter):
             cos = torch.nn.functional.cosine_similarity(t_out, t_in, dim=-1)
             direction = 1 - (cos.abs() if variant == "abs" else cos)
             lay = call.layout
-            valid = lay.valid.to(direction.device)
-            ttv = mag * direction.masked_fill(~valid, float("-inf")).softmax(-1)
+            valid = self._prompt_rows(lay).to(direction.device)
+            ttv = mag * direction.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
             if call.ttv is None:
                 call.ttv = torch.zeros(ttv.shape[0], lay.orig_len + 1, device=ttv.device)
             col = torch.where(valid, lay.index.to(ttv.device), lay.orig_len)
@@ -511,6 +518,8 @@ class HFVisionLanguageAdapter(Adapter):
             return Signal(self._llm_attention(req, layout), "rows")
         if req.kind == "llm_attention_pre":
             return Signal(self._llm_attention_pre(req, layout), "rows")
+        if req.kind == "llm_modality_mass":
+            return Signal(self._modality_mass(req, layout), "rows")
         if req.kind == "ttv":
             if self.call.ttv is None:
                 raise SignalError("no TTV was accumulated before this point (check the accumulation layers)")
@@ -530,6 +539,33 @@ class HFVisionLanguageAdapter(Adapter):
 
     def prepare_vision(self, embeds: torch.Tensor) -> None:
         """Called at the start of each prefill: locate this call's images among captured vision signals."""
+
+    def _prompt_rows(self, layout: Layout) -> torch.Tensor:
+        """(B, L) real rows that belong to the prompt (see `Patch.prompt`): only these shape signals."""
+        end = self.runtime.prompt_end
+        if end is None:
+            return layout.valid
+        end_t = torch.as_tensor(end, device=layout.valid.device).expand(layout.shape[0])
+        return layout.valid & (layout.index < end_t[:, None])
+
+    def _modality_mass(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
+        """Per sample, broadcast over its rows: the share of attention that instruction rows put on
+        visual keys (query "t2v") or visual rows put on instruction keys ("v2t") at layer `req.layer`
+        (head mean; ToDRE Eq. 8). Each query row's attention sums to 1, so a share is a mean."""
+        b, length = layout.shape
+        device = layout.valid.device
+        rows = torch.arange(length, device=device)
+        is_img = layout.image >= 0
+        last_img = torch.where(is_img, rows, -1).amax(1)
+        is_instr = self._prompt_rows(layout) & (rows[None] > last_img[:, None])
+        if req.query == "t2v":
+            recv, keys = self._llm_attention(SignalRequest("llm_attention", req.layer, "instruction"), layout), is_img
+        elif req.query == "v2t":
+            recv, keys = self._llm_attention(SignalRequest("llm_attention", req.layer, "visual"), layout), is_instr
+        else:
+            raise SignalError(f"llm_modality_mass takes query 't2v' or 'v2t', got {req.query!r}")
+        mass = (recv * keys.to(recv.device)).sum(1)
+        return mass[:, None].expand(b, length)
 
     def _llm_attention(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
         """Attention each row receives at LLM layer `req.layer` (which already ran in this forward),
@@ -574,11 +610,7 @@ class HFVisionLanguageAdapter(Adapter):
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         rows = torch.arange(length, device=q.device)
-        valid = layout.valid.to(q.device)
-        end = self.runtime.prompt_end
-        if end is not None:  # only the prompt's rows may serve as queries
-            end_t = torch.as_tensor(end, device=q.device).expand(b)
-            valid = valid & (layout.index.to(q.device) < end_t[:, None])
+        valid = self._prompt_rows(layout).to(q.device)
         cos, sin = position_embeddings
         rope = self._rope_fn(attn)
         k = rope(k.transpose(1, 2), cos, sin)

@@ -42,6 +42,7 @@ class Layout:
     counts: list[int]  # host: visual rows per image
     orig_len: int
     right_align: bool  # padding rows at the start of each row
+    entry: list[int] | None = None  # host: visual rows per image when entering the LLM (after boundary)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,6 +69,7 @@ class Layout:
             counts=[s.n for s in spans],
             orig_len=length,
             right_align=right_align,
+            entry=[s.n for s in spans],
         )
 
 
@@ -153,6 +155,7 @@ def compact(layout: Layout, keep_rows: torch.Tensor, lengths: list[int]) -> Comp
         counts=list(layout.counts),
         orig_len=layout.orig_len,
         right_align=layout.right_align,
+        entry=layout.entry,
     )
     return Compaction(new, src, dropped, changed=True)
 

@@ -60,7 +60,8 @@ def run_point(
         if not layout.counts or max(layout.counts) == 0:
             break
         with timer:
-            keep = [reducer.budget(n, layer) for n in layout.counts]
+            entry = layout.entry or layout.counts
+            keep = [reducer.budget(n, layer, e) for n, e in zip(layout.counts, entry)]
             flat, valid = image_rows(layout)
             d = hidden.shape[-1]
             flat_hidden = hidden.reshape(b * length, d)

@@ -1,8 +1,16 @@
 """Built-in reducers; importing this package registers them."""
 
 from vtoken.reducers.base import Reducer, Selection, SignalRequest, StageInput
+from vtoken.reducers.divprune import DivPrune
 from vtoken.reducers.fastv import FastV
+from vtoken.reducers.hiprune import HiPrune
 from vtoken.reducers.pool import Pool
 from vtoken.reducers.random import RandomPrune
+from vtoken.reducers.todre import ToDRE, ToDREDiversity, ToDRERelevance
+from vtoken.reducers.transprune import TransPrune
+from vtoken.reducers.visionzip import VisionZip
 
-__all__ = ["FastV", "Pool", "RandomPrune", "Reducer", "Selection", "SignalRequest", "StageInput"]
+__all__ = [
+    "DivPrune", "FastV", "HiPrune", "Pool", "RandomPrune", "Reducer", "Selection", "SignalRequest",
+    "StageInput", "ToDRE", "ToDREDiversity", "ToDRERelevance", "TransPrune", "VisionZip",
+]

@@ -162,8 +162,9 @@ class Reducer:
         """The reducers this one installs as (a method acting in several stages returns one per stage)."""
         return [self]
 
-    def budget(self, n: int, layer: int | None = None) -> int:
-        """Tokens to keep for an image that has `n` tokens when it reaches this reducer (at `layer`)."""
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None) -> int:
+        """Tokens to keep for an image that has `n` tokens when it reaches this reducer (at `layer`);
+        `entry` is how many it had when entering the LLM (schedules relative to that use it)."""
         if self.keep is None:
             raise ParameterError(f"{self.name}: no budget given; pass keep=<int tokens or float fraction>")
         return resolve_keep(self.keep, n)

@@ -1,0 +1,155 @@
+"""`todre`: token diversity (boundary) + task relevance (decoder), after ToDRE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from vtoken.errors import ParameterError, UnsupportedModelError
+from vtoken.ops.diversity import greedy_diverse
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.registry import register
+
+
+@register("todre_diversity")
+@dataclass
+class ToDREDiversity(Reducer):
+    """ToDRE stage 1 (Li et al., 2025, arXiv 2505.18757): greedy diverse subset of the projected
+    visual tokens (L2-normalised), started from a pivot.
+
+    selection="kcenter" (paper v1, default): farthest point / max-min — add the token whose highest
+    cosine similarity to the kept set is lowest. selection="maxsum" (paper v2, Algorithm 1): add the
+    token whose summed similarity to the kept set is lowest.
+    pivot="cls": the token with the highest CLS attention at the vision feature layer (the paper's
+    "last layer" of the encoder as the LLM sees it, heads averaged); "random": a seeded random token
+    (the paper's ablation, for towers without CLS).
+    """
+
+    stage: ClassVar[Stage] = "boundary"
+    keep: int | float | None = 64
+    selection: Literal["kcenter", "maxsum"] = "kcenter"
+    pivot: Literal["cls", "random"] = "cls"
+    seed: int = 0
+    vision_layer: int = -1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in ("kcenter", "maxsum"):
+            raise ParameterError(f"todre: selection must be 'kcenter' or 'maxsum', got {self.selection!r}")
+        if self.pivot not in ("cls", "random"):
+            raise ParameterError(f"todre: pivot must be 'cls' or 'random', got {self.pivot!r}")
+
+    def configure(self, info: ModelInfo) -> None:
+        if self.pivot == "cls" and not info.has_cls:
+            raise UnsupportedModelError(
+                f"the {info.family} vision tower has no CLS token; use todre with pivot='random'"
+            )
+
+    def signals(self) -> tuple[SignalRequest, ...]:
+        return (SignalRequest("vision_attention", self.vision_layer, "cls"),) if self.pivot == "cls" else ()
+
+    def select(self, x: StageInput) -> Selection:
+        if self.pivot == "cls":
+            score = x.signal(self.signals()[0]).float()
+        else:  # a fixed function of (seed, raster position), so batch composition does not matter
+            g = torch.Generator().manual_seed(self.seed)
+            table = torch.rand(int(x.positions.max()) + 1, generator=g).to(x.features.device)
+            score = table[x.positions]
+        first = score.masked_fill(~x.valid, float("-inf")).argmax(1)
+        mode = "maxmin" if self.selection == "kcenter" else "maxsum"
+        return Selection(keep=greedy_diverse(x.features, x.valid, x.keep, first, mode))
+
+
+@register("todre_relevance")
+@dataclass
+class ToDRERelevance(Reducer):
+    """ToDRE stage 2: at LLM layer `check_layer` (default round(7L/8) - 1, the 28th of 32), with
+    head-averaged attention, alpha_t->v = share of the instruction rows' attention on visual keys
+    and alpha_v->t = share of the visual rows' attention on instruction keys (Eq. 8). If both are
+    below `tau`, every visual token of that sample is dropped before the next layer.
+
+    The instruction rows are the text after the last image. Under a causal mask visual rows cannot
+    see later text, so alpha_v->t is 0 for prompts whose text follows the image (LLaVA's template):
+    the test then reduces to alpha_t->v < tau. The count is content-dependent (all or nothing).
+    """
+
+    stage: ClassVar[Stage] = "decoder"
+    adaptive: ClassVar[bool] = True
+    keep: int | float | None = 1.0
+    tau: float = 0.10
+    check_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.tau <= 1.0:
+            raise ParameterError(f"todre: tau must be in [0, 1], got {self.tau}")
+
+    def configure(self, info: ModelInfo) -> None:
+        if self.check_layer is None:
+            self.check_layer = max(0, min(round(7 * info.llm_layers / 8) - 1, info.llm_layers - 2))
+        if not 0 <= self.check_layer < info.llm_layers - 1:
+            raise ParameterError(
+                f"todre: check_layer={self.check_layer} must leave a layer after it "
+                f"(the LLM has {info.llm_layers})"
+            )
+
+    @property
+    def layer(self) -> int:
+        return (self.check_layer if self.check_layer is not None else 27) + 1
+
+    def signals(self) -> tuple[SignalRequest, ...]:
+        c = self.layer - 1
+        return (SignalRequest("llm_modality_mass", c, "t2v"), SignalRequest("llm_modality_mass", c, "v2t"))
+
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None) -> int:
+        return n  # an upper bound: the count is decided by the attention ratios
+
+    def select(self, x: StageInput) -> Selection:
+        t2v_req, v2t_req = self.signals()
+        t2v = x.signal(t2v_req)[:, 0] if x.valid.shape[1] else x.valid.new_zeros(0)
+        v2t = x.signal(v2t_req)[:, 0] if x.valid.shape[1] else x.valid.new_zeros(0)
+        drop = (t2v < self.tau) & (v2t < self.tau)
+        keep = x.valid & ~drop[:, None]
+        return Selection(keep=keep, counts=keep.sum(1).tolist())
+
+
+@register("todre")
+@dataclass
+class ToDRE(Reducer):
+    """ToDRE: stage 1 (`todre_diversity`, budget `keep`) then stage 2 (`todre_relevance`); each stage
+    can be switched off (`stage1=False` / `stage2=False`) for the paper's ablations."""
+
+    stage: ClassVar[Stage] = "boundary"
+    keep: int | float | None = 64
+    selection: Literal["kcenter", "maxsum"] = "kcenter"
+    pivot: Literal["cls", "random"] = "cls"
+    seed: int = 0
+    tau: float = 0.10
+    check_layer: int | None = None
+    stage1: bool = True
+    stage2: bool = True
+    _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.stage1 or self.stage2):
+            raise ParameterError("todre: at least one of stage1 / stage2 must be on")
+        self._build()
+
+    def _build(self) -> None:
+        self._parts = []
+        if self.stage1:
+            self._parts.append(ToDREDiversity(keep=self.keep, renumber=self.renumber, selection=self.selection,
+                                              pivot=self.pivot, seed=self.seed))
+        if self.stage2:
+            self._parts.append(ToDRERelevance(renumber=self.renumber, tau=self.tau, check_layer=self.check_layer))
+
+    def configure(self, info: ModelInfo) -> None:
+        self._build()
+        for p in self._parts:
+            p.configure(info)
+
+    def parts(self) -> list[Reducer]:
+        return list(self._parts)

@@ -1,0 +1,97 @@
+"""`visionzip`: dominant tokens by CLS attention plus merged contextual tokens (boundary stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from vtoken.errors import ParameterError, UnsupportedModelError
+from vtoken.ops.select import topk_mask
+from vtoken.reducers._grid import require_full_grid
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.registry import register
+
+
+@register("visionzip")
+@dataclass
+class VisionZip(Reducer):
+    """VisionZip (Yang et al., CVPR 2025), following the official LLaVA code, all at the vision
+    feature layer (`vision_layer=-1`, CLIP layer -2 for LLaVA-1.5):
+
+    - dominant: the D patches with the most attention from the CLS query (summed over heads);
+    - contextual: the remaining R patches (raster order) get C targets at stride max(1, R // C);
+      every other remaining patch is assigned to the target with the most similar key (cosine of
+      head-mean keys); contextual token = target + mean(assigned), built on the pre-projector
+      features and passed through the model's projector.
+    Split: D = round(keep * 54 / 64) (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30), C = keep - D.
+
+    Deviations, both forced by Hugging Face LLaVA keeping exactly one placeholder per patch: the
+    official D counts the CLS token (D - 1 patches + CLS); here there is no slot for CLS, so all D
+    dominant tokens are patches. Contextual tokens sit at their target's position (its position id
+    and raster slot) instead of being appended after the dominant ones.
+    """
+
+    stage: ClassVar[Stage] = "boundary"
+    keep: int | float | None = 64
+    dominant: int | None = None
+    vision_layer: int = -1
+
+    def configure(self, info: ModelInfo) -> None:
+        if not info.has_cls:
+            raise UnsupportedModelError(
+                f"visionzip ranks tokens by CLS attention; the {info.family} vision tower has no CLS token"
+            )
+
+    def signals(self) -> tuple[SignalRequest, ...]:
+        return (
+            SignalRequest("vision_attention", self.vision_layer, "cls"),
+            SignalRequest("vision_keys", self.vision_layer),
+            SignalRequest("vision_features", -1),
+        )
+
+    def split(self, k: int) -> tuple[int, int]:
+        d = round(k * 54 / 64) if self.dominant is None else self.dominant
+        if not 0 <= d <= k:
+            raise ParameterError(f"visionzip: dominant={d} must lie in [0, keep={k}]")
+        return d, k - d
+
+    def select(self, x: StageInput) -> Selection:
+        require_full_grid(x, self.name)
+        if len(set(x.keep)) != 1 or len(set(x.grids)) != 1:
+            raise ParameterError("visionzip: all images of a batch must share one grid and budget")
+        n_img, n = x.valid.shape
+        dom_n, ctx_n = self.split(x.keep[0])
+        att_req, key_req, feat_req = self.signals()
+        rows = torch.arange(n_img, device=x.features.device)[:, None]
+        keep = topk_mask(x.signal(att_req), torch.full((n_img,), dom_n, device=rows.device), x.valid)
+        values, sizes = x.features, x.sizes
+        if ctx_n > 0:
+            rest = n - dom_n
+            remaining = keep.int().argsort(dim=1, stable=True)[:, :rest]  # non-dominant patches, raster order
+            step = max(1, rest // ctx_n)
+            is_target = torch.zeros(rest, dtype=torch.bool, device=rows.device)
+            is_target[torch.arange(0, rest, step, device=rows.device)[:ctx_n]] = True
+            targets, others = remaining[:, is_target], remaining[:, ~is_target]
+            keys = F.normalize(x.signal(key_req).float(), dim=-1)
+            assign = (keys[rows, others] @ keys[rows, targets].transpose(1, 2)).argmax(-1)  # (n, R - C)
+            feats = x.signal(feat_req)
+            summed = torch.zeros(n_img, targets.shape[1], feats.shape[-1], device=feats.device, dtype=torch.float32)
+            summed.scatter_add_(1, assign[..., None].expand(-1, -1, feats.shape[-1]), feats[rows, others].float())
+            count = torch.zeros(n_img, targets.shape[1], device=feats.device).scatter_add_(
+                1, assign, torch.ones_like(assign, dtype=torch.float32))
+            ctx = feats[rows, targets].float() + summed / count.clamp_min(1)[..., None]
+            ctx = ctx.to(feats.dtype)
+            if x.project is not None:
+                ctx = x.project(ctx)
+            elif ctx.shape[-1] != x.features.shape[-1]:
+                raise UnsupportedModelError("visionzip needs the model's projector to embed contextual tokens")
+            values = x.features.clone()
+            values[rows, targets] = ctx.to(values.dtype)
+            sizes = x.sizes.clone()
+            sizes[rows, targets] = 1 + count.to(sizes.dtype)
+            keep = keep.clone()
+            keep[rows, targets] = True
+        return Selection(keep=keep, values=values, sizes=sizes)
