@@ -4,6 +4,7 @@ from vtoken.reducers.base import Reducer, Selection, SignalRequest, StageInput
 from vtoken.reducers.divprune import DivPrune
 from vtoken.reducers.fastv import FastV
 from vtoken.reducers.hiprune import HiPrune
+from vtoken.reducers.none import Identity
 from vtoken.reducers.pool import Pool
 from vtoken.reducers.random import RandomPrune
 from vtoken.reducers.todre import ToDRE, ToDREDiversity, ToDRERelevance
@@ -11,6 +12,6 @@ from vtoken.reducers.transprune import TransPrune
 from vtoken.reducers.visionzip import VisionZip
 
 __all__ = [
-    "DivPrune", "FastV", "HiPrune", "Pool", "RandomPrune", "Reducer", "Selection", "SignalRequest",
+    "DivPrune", "FastV", "HiPrune", "Identity", "Pool", "RandomPrune", "Reducer", "Selection", "SignalRequest",
     "StageInput", "ToDRE", "ToDREDiversity", "ToDRERelevance", "TransPrune", "VisionZip",
 ]

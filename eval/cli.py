@@ -1,0 +1,144 @@
+"""The `vtoken` command line: `vtoken run` (evaluate configs); more subcommands register here."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_REDUCERS = ("random", "pool", "fastv", "hiprune", "visionzip", "divprune", "todre", "transprune")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed without a traceback, exit code 2."""
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--param takes name=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _value(v.strip())
+    return out
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    return table[name]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import vtoken
+    from vtoken.eval import models, runner
+    from vtoken.reducers.base import build
+
+    if args.task not in runner.TASKS:
+        raise UsageError(f"unknown task {args.task!r}; available: {', '.join(runner.TASKS)}")
+    if args.limit <= 0 or args.batch_size <= 0:
+        raise UsageError("--limit and --batch-size must be positive")
+    params = parse_params(args.param)
+    if args.keep is not None:
+        params["keep"] = args.keep
+    demo = args.reducer is None
+    names = list(DEMO_REDUCERS) if demo else [args.reducer]
+    if demo and "keep" not in params:
+        params["keep"] = 64
+    per_reducer = {}
+    for name in names:
+        try:
+            cls = vtoken.get(name)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            per_reducer[name] = {k: v for k, v in params.items() if k in fields} if demo else params
+            build(cls, per_reducer[name])  # validate the parameters before loading anything
+        except vtoken.VTokenError as e:
+            raise UsageError(str(e)) from None
+    ref = args.model or models.default_model()
+    try:
+        model, proc, info = models.load(ref, device=args.device, dtype=_dtype(args.dtype))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {ref!r}: {e}") from None
+    torch.manual_seed(args.seed)
+    if not info.get("trained", True):
+        print(f"note: {ref} has random weights (no trained Shapes model in assets/): accuracy is chance level; "
+              "tokens, FLOPs and latency are real.", file=sys.stderr)
+    batches = runner.make_batches(proc, args.task, args.limit, args.batch_size, args.seed)
+    common = dict(task=args.task, limit=args.limit, batch_size=args.batch_size, seed=args.seed, batches=batches)
+    records = []
+    reference = runner.evaluate(model, proc, "none", {}, **common) if not args.no_baseline else None
+    if reference is not None:
+        records.append(reference)
+    for name in names:
+        try:
+            records.append(runner.evaluate(model, proc, name, per_reducer[name], **common))
+        except vtoken.VTokenError as e:
+            raise UsageError(f"{name}: {e}") from None
+    if reference is not None:
+        runner.compare(records, reference)
+    for r in records:
+        r["config"]["model"] = info.get("model", ref)
+        r["config"]["model_trained"] = info.get("trained", True)
+    print(runner.table(records))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            for r in records if demo else records[-1:]:
+                f.write(json.dumps(r) + "\n")
+        print(f"appended {len(records) if demo else 1} record(s) to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vtoken", description="Visual token reduction for VLMs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="evaluate a reducer config on a task (no arguments: the demo comparison)")
+    run.add_argument("--model", help="model directory (save_pretrained) or 'tiny-llava-shapes'; "
+                     "default: assets/llava-shapes if present")
+    run.add_argument("--reducer", help="registered reducer name (default: the demo, every reducer at keep 64)")
+    run.add_argument("--keep", type=_value, help="budget: int tokens per image or float fraction")
+    run.add_argument("--param", action="append", default=[], help="reducer parameter name=value (repeatable)")
+    run.add_argument("--task", default="shapes")
+    run.add_argument("--limit", type=int, default=200)
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--dtype", default="fp32")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", help="append the JSON record(s) to this JSONL file")
+    run.add_argument("--no-baseline", action="store_true", help="skip the unreduced reference run")
+    run.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["run"]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"vtoken: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The Shapes VLMs: offline processor (word-level tokenizer + CLIP image processor), configs, loading.
+
+`vtoken run` reads a model directory saved with `save_pretrained` (model + processor), e.g. the
+trained `assets/llava-shapes`; the name `tiny-llava-shapes` builds a randomly initialised model of
+the same geometry (336 px, 576 visual tokens) for smoke runs where no trained model is available.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from vtoken.eval.shapes import SIZE, vocabulary
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+PROMPT = "USER: <image> {question} ASSISTANT:"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    " ASSISTANT:{% else %} {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+)
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TINY = "tiny-llava-shapes"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the Shapes vocabulary (built offline with `tokenizers`)."""
+    words = [*SPECIALS, "USER:", "ASSISTANT:", *vocabulary()]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("?", behavior="isolated"),
+    ])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", model_input_names=["input_ids", "attention_mask"],
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def build_processor(image_size: int = SIZE, patch_size: int = 14) -> LlavaProcessor:
+    image = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True, do_resize=True, do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image, tokenizer=build_tokenizer(), patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def shapes_config(vocab_size: int, image_token_id: int, vision: tuple[int, int, int] = (6, 384, 6),
+                  llm: tuple[int, int, int, int] = (4, 384, 6, 2), image_size: int = SIZE) -> LlavaConfig:
+    """A LLaVA-1.5-shaped config: CLIP (layers, width, heads) 336/14 with CLS, feature layer -2, GELU
+    MLP projector; Llama (layers, width, heads, kv heads)."""
+    vl, vd, vh = vision
+    ll, ld, lh, lkv = llm
+    vc = CLIPVisionConfig(hidden_size=vd, intermediate_size=4 * vd, num_hidden_layers=vl, num_attention_heads=vh,
+                          image_size=image_size, patch_size=14, projection_dim=vd)
+    tc = LlamaConfig(hidden_size=ld, intermediate_size=4 * ld, num_hidden_layers=ll, num_attention_heads=lh,
+                     num_key_value_heads=lkv, vocab_size=vocab_size, max_position_embeddings=1024,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id,
+                       projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+
+
+def tiny_shapes_model(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Randomly initialised Shapes-geometry LLaVA (small widths): for smoke runs and tests only —
+    its accuracy is chance level."""
+    proc = build_processor()
+    tok = proc.tokenizer
+    cfg = shapes_config(len(tok), tok.convert_tokens_to_ids("<image>"), vision=(3, 64, 4), llm=(4, 64, 4, 2))
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(cfg).eval(), proc
+
+
+def default_model() -> str:
+    """The shipped trained model if present, else the random tiny one."""
+    path = ASSETS / "llava-shapes"
+    return str(path) if (path / "config.json").exists() else TINY
+
+
+def load(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+         attn: str = "sdpa") -> tuple[Any, Any, dict[str, Any]]:
+    """(model, processor, info) for a model directory or the name `tiny-llava-shapes`."""
+    if ref == TINY:
+        model, proc = tiny_shapes_model()
+        info = {"model": TINY, "trained": False}
+    else:
+        path = Path(ref)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"no model at {ref!r} (expected a directory with config.json, or '{TINY}')")
+        model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+        proc = AutoProcessor.from_pretrained(path)
+        meta = path / "vtoken.json"
+        info = {"model": str(path), "trained": True, **(json.loads(meta.read_text()) if meta.exists() else {})}
+    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    return model.to(device=device, dtype=dtype).eval(), proc, info

@@ -1,0 +1,83 @@
+"""Shapes benchmark determinism and correctness; the `vtoken run` runner end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from vtoken.eval import cli
+from vtoken.eval.shapes import CATEGORIES, COLORS, SIZE, ShapesVQA, _mask, sample
+
+
+def test_generation_is_deterministic_and_split_dependent():
+    a = [sample("test", i).image.tobytes() for i in range(5)]
+    b = [sample("test", i).image.tobytes() for i in range(5)]
+    assert a == b
+    assert sample("train", 0).image.tobytes() != sample("test", 0).image.tobytes()
+    assert sample("test", 0, seed=1).question != sample("test", 0, seed=0).question or \
+        sample("test", 0, seed=1).image.tobytes() != sample("test", 0, seed=0).image.tobytes()
+    digest = hashlib.sha1(b"".join(a)).hexdigest()
+    assert len(digest) == 40
+
+
+def test_categories_cycle_and_exist_is_balanced():
+    ds = ShapesVQA("test", 700)
+    items = [ds[i] for i in range(700)]
+    assert [s.category for s in items[:7]] == list(CATEGORIES)
+    exist = [s.answer for s in items if s.category == "exist"]
+    assert 0.4 < exist.count("yes") / len(exist) < 0.6
+    assert all(s.image.shape == (SIZE, SIZE, 3) and s.image.dtype == np.uint8 for s in items[:10])
+    assert all(" " not in s.answer for s in items)
+
+
+def test_answers_agree_with_the_rendered_image():
+    """Counts and colours read back from the pixels match the scene the answer was derived from."""
+    for i in range(60):
+        s = sample("test", i)
+        for o in s.objects:
+            # a pixel of the object away from its (optional) character carries the object's colour
+            m = _mask(o, 0, 0, SIZE, SIZE)
+            ys, xs = np.nonzero(m)
+            far = np.argmax((xs - o.x) ** 2 + (ys - o.y) ** 2)
+            assert tuple(s.image[ys[far], xs[far]]) == COLORS[o.color]
+        # the number of separate objects of each colour seen in the pixels matches the scene
+        for color, rgb in COLORS.items():
+            seen = sum(
+                1 for o in s.objects
+                if (s.image[_mask(o, 0, 0, SIZE, SIZE)] == rgb).all(-1).mean() > 0.5
+            )
+            assert seen == sum(o.color == color for o in s.objects)
+        if s.question.startswith("how many objects"):
+            assert s.answer == str(len(s.objects))
+
+
+def test_run_end_to_end_writes_a_record(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    code = cli.main(["run", "--model", "tiny-llava-shapes", "--reducer", "fastv", "--keep", "64",
+                     "--limit", "6", "--batch-size", "3", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| fastv | keep=64 |" in text and "| none |" in text
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["config"]["reducer"] == "fastv" and rec["config"]["limit"] == 6
+    m = rec["metrics"]
+    assert set(m) >= {"accuracy", "per_category", "visual_tokens", "flops_per_sample", "ttft_ms",
+                      "decode_tokens_per_s", "peak_memory_mb", "retained_pct", "flops_pct"}
+    assert m["visual_tokens"] == {"mean": 576.0, "min": 576, "max": 576}  # fastv acts inside the LLM
+    assert 0 < m["flops_pct"] < 100
+    assert set(rec["environment"]) >= {"torch", "transformers", "device", "dtype", "git_commit"}
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["run", "--model", "/nonexistent"], "cannot load model"),
+    (["run", "--model", "tiny-llava-shapes", "--task", "mmmu"], "unknown task"),
+    (["run", "--model", "tiny-llava-shapes", "--reducer", "fastvv"], "Did you mean"),
+    (["run", "--model", "tiny-llava-shapes", "--reducer", "random", "--keep", "0"], "at least one"),
+    (["run", "--model", "tiny-llava-shapes", "--reducer", "random", "--keep", "999", "--limit", "2"], "only 576"),
+])
+def test_run_bad_input_exits_2_with_a_message(argv, msg, capsys):
+    assert cli.main(argv) == 2
+    assert msg in capsys.readouterr().err
