@@ -1,5 +1,6 @@
 """vtoken.adapters: one module per model family. Importing this package registers every adapter."""
 
 from vtoken.adapters.llava import LlavaAdapter
+from vtoken.adapters.vit import OpenClipAdapter, TimmViTAdapter
 
-__all__ = ["LlavaAdapter"]
+__all__ = ["LlavaAdapter", "OpenClipAdapter", "TimmViTAdapter"]

@@ -93,7 +93,7 @@ class Call:
 class HFVisionLanguageAdapter(Adapter):
     """Base for transformers VLM adapters; subclasses describe the family's anatomy."""
 
-    stages = frozenset({"boundary", "decoder"})
+    stages = frozenset({"encoder", "boundary", "decoder"})
     pos_emb_seq_dim = 1  # sequence dim of the (cos, sin) position embeddings
 
     # --- anatomy, provided by subclasses -----------------------------------------------------------
@@ -525,7 +525,7 @@ class HFVisionLanguageAdapter(Adapter):
                 raise SignalError("no TTV was accumulated before this point (check the accumulation layers)")
             col = torch.where(layout.valid, layout.index, layout.orig_len).to(self.call.ttv.device)
             return Signal(self.call.ttv.gather(1, col), "rows")
-        if req.kind.startswith("vision_"):
+        if req.kind.startswith("vision_") or req.kind == "encoder_groups":
             return Signal(self.vision_signal(req), "raster")
         raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
 

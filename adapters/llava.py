@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from vtoken.adapter import register_adapter
+from vtoken.adapters.encoder import BlockSpec, ViTMerger
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
-from vtoken.errors import SignalError
+from vtoken.errors import SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
 from vtoken.ops.attention import fingerprint, received_attention
 from vtoken.reducers.base import ModelInfo, SignalRequest
+from vtoken.reducers.merging import MergedGroups
 
 
 @register_adapter
@@ -53,10 +55,6 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             return (1, side * side + 1)  # CLS kept: no 2-D grid
         return (side, side)
 
-    def static_image_tokens(self) -> int:
-        h, w = self.grid()
-        return h * w
-
     def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         image_id = self.model.config.image_token_id
         ids = inputs.get("input_ids")
@@ -79,11 +77,19 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return inputs.get("pixel_values") is not None or mm.get("image") is not None
 
     def model_info(self) -> ModelInfo:
+        h, w = self.grid()
         return ModelInfo(
             family=self.family, llm_layers=len(self.language_model().layers),
             vision_layers=len(self.vision_tower().encoder.layers), feature_layer=self.feature_layer(),
             has_cls=self.model.config.vision_feature_select_strategy == "default",
+            vision_tokens=h * w, prefix_tokens=1,
         )
+
+    def static_image_tokens(self) -> int | None:
+        if self.runtime.encoder:
+            return None  # encoder merging decides the count per image
+        h, w = self.grid()
+        return h * w
 
     # --- vision tower: statistics and signals ----------------------------------------------------------
     def feature_layer(self) -> int:
@@ -104,9 +110,23 @@ class LlavaAdapter(HFVisionLanguageAdapter):
     def install_vision(self) -> None:
         tower = self.vision_tower()
         self.handles.append(tower.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
-        reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_")]
         self.vision_capture: dict[str, Any] | None = None
         self._vision_rows: torch.Tensor | None = None
+        self.merger: ViTMerger | None = None
+        encoder = self.runtime.encoder
+        if encoder:
+            if len(encoder) > 1:
+                raise UnsupportedModelError("only one encoder-stage merger per patch")
+            if self.model.config.vision_feature_select_strategy != "default":
+                raise UnsupportedModelError("encoder merging needs vision_feature_select_strategy='default'")
+            heads = self.model.config.vision_config.num_attention_heads
+            blocks = [BlockSpec(layer, layer.layer_norm2, layer.mlp, (layer.self_attn.k_proj, "linear"), heads, "hf")
+                      for layer in tower.encoder.layers]
+            self.merger = ViTMerger(encoder[0], blocks, merge_layers=self.feature_layer() + 1)
+            self.merger.install(self.handles)
+            self.runtime.boundary.insert(0, MergedGroups())
+            self.runtime.signals |= set(self.runtime.boundary[0].signals())
+        reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_") or r.kind == "encoder_groups"]
         if not reqs:
             return
         if self.model.config.vision_feature_select_strategy != "default":
@@ -118,11 +138,18 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         proj = self.model.model.multi_modal_projector
         self.handles.append(proj.register_forward_hook(self._capture_projector))
 
+    def _patch_slots(self) -> torch.Tensor:
+        """(n, N) row of the projector's input/output holding each patch after encoder merging."""
+        return self.merger.state.group[:, 1:] - 1  # tower slot 0 is CLS, dropped by LLaVA
+
     def _vision_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         pixels = args[0] if args else kwargs.get("pixel_values")
         if pixels is not None:
             self.vision_record = (pixels.shape[0], pixels.shape[-2] * pixels.shape[-1])
             self.vision_capture = {}
+            if self.merger is not None:
+                h, w = self.grid()
+                self.merger.begin(pixels.shape[0], h * w + 1, pixels.device)
 
     def _capture(self, key: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -131,10 +158,21 @@ class LlavaAdapter(HFVisionLanguageAdapter):
 
         return hook
 
-    def _capture_projector(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if self.vision_capture is not None:
-            self.vision_capture["features"] = inputs[0]
-            self.vision_capture["fingerprint"] = fingerprint(output)
+    def _capture_projector(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
+        if self.vision_capture is None:
+            return None
+        features = inputs[0]
+        if self.merger is not None and self.merger.state is not None:
+            # one projected token per merged group, given to every patch of the group so that
+            # transformers' image-token count check passes; the boundary keeps one row per group
+            slots = self._patch_slots()
+            self.vision_capture["groups"] = slots
+            rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+            output = output[rows, slots]
+            features = features[rows, slots]
+        self.vision_capture["features"] = features
+        self.vision_capture["fingerprint"] = fingerprint(output)
+        return output
 
     def prepare_vision(self, embeds: torch.Tensor) -> None:
         """Match this prefill's images to the last vision-tower run by their projected features.
@@ -142,7 +180,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         The tower may have run before this call (generate() encodes images first, beam search then
         repeats them), so each image's features are found by value, never assumed by position.
         """
-        if not any(r.kind.startswith("vision_") for r in self.runtime.signals):
+        if not any(r.kind.startswith("vision_") or r.kind == "encoder_groups" for r in self.runtime.signals):
             return
         cap = self.vision_capture
         if not cap or "fingerprint" not in cap:
@@ -170,6 +208,11 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             raise SignalError(f"{req} was not captured in this forward")
         if req.kind == "vision_features":
             return cap["features"][rows]
+        if req.kind == "encoder_groups":
+            return cap["groups"][rows]
+        if self.merger is not None:
+            raise SignalError(f"{req.kind} is not available after encoder merging (the tower's attention "
+                              "maps cover merged tokens); apply attention-guided reducers without it")
         layer = self.vision_layer(req.layer)
         q, k = cap.get(f"q_proj{layer}"), cap.get(f"k_proj{layer}")
         if q is None or k is None:
@@ -199,11 +242,18 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         vc = self.model.config.vision_config
         patches = pixels // (vc.patch_size * vc.patch_size)
         spec = self.vision_spec()
-        tower = patch_embed_flops(patches, vc.num_channels, vc.patch_size, vc.hidden_size)
-        tower += stack_flops(spec, [patches + 1] * spec.layers)
         layers = self.model.config.vision_feature_layer
         n_feat = 1 if isinstance(layers, int) else len(layers)
         d = self.text_config().hidden_size
+        embed = patch_embed_flops(patches, vc.num_channels, vc.patch_size, vc.hidden_size)
+        st = self.merger.state if self.merger is not None else None
+        if st is not None and st.entering:
+            per_image = list(zip(*st.entering))  # tokens entering each layer, per image
+            tower = sum(stack_flops(spec, list(t)) for t in per_image) + n_images * embed
+            self.runtime.stats.vision_tokens = [sum(t) / len(t) for t in st.entering]
+            proj = sum(linear_flops(c - 1, [(vc.hidden_size * n_feat, d), (d, d)]) for c in st.entering[-1])
+            return tower, proj
+        tower = embed + stack_flops(spec, [patches + 1] * spec.layers)
         rows = patches if self.model.config.vision_feature_select_strategy == "default" else patches + 1
         proj = linear_flops(rows, [(vc.hidden_size * n_feat, d), (d, d)])
         return n_images * tower, n_images * proj

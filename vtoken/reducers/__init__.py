@@ -4,6 +4,7 @@ from vtoken.reducers.base import Reducer, Selection, SignalRequest, StageInput
 from vtoken.reducers.divprune import DivPrune
 from vtoken.reducers.fastv import FastV
 from vtoken.reducers.hiprune import HiPrune
+from vtoken.reducers.merging import DyMU, PiToMe, ToMe
 from vtoken.reducers.none import Identity
 from vtoken.reducers.pool import Pool
 from vtoken.reducers.random import RandomPrune
@@ -12,6 +13,22 @@ from vtoken.reducers.transprune import TransPrune
 from vtoken.reducers.visionzip import VisionZip
 
 __all__ = [
-    "DivPrune", "FastV", "HiPrune", "Identity", "Pool", "RandomPrune", "Reducer", "Selection", "SignalRequest",
-    "StageInput", "ToDRE", "ToDREDiversity", "ToDRERelevance", "TransPrune", "VisionZip",
+    "DivPrune",
+    "DyMU",
+    "FastV",
+    "HiPrune",
+    "Identity",
+    "PiToMe",
+    "Pool",
+    "RandomPrune",
+    "Reducer",
+    "Selection",
+    "SignalRequest",
+    "StageInput",
+    "ToDRE",
+    "ToDREDiversity",
+    "ToDRERelevance",
+    "ToMe",
+    "TransPrune",
+    "VisionZip",
 ]

@@ -63,6 +63,8 @@ class ModelInfo:
     vision_layers: int | None = None
     feature_layer: int | None = None  # 0-based vision layer whose output reaches the projector
     has_cls: bool = True  # the vision tower has a CLS token (VisionZip / ToDRE pivots)
+    vision_tokens: int | None = None  # patch tokens per image entering the tower
+    prefix_tokens: int = 1  # CLS / distillation / register tokens before the patches
 
 
 @dataclass
