@@ -60,6 +60,7 @@ class DecodeState:
     orig_len: int
     batch: int
     lengths: list[int]  # real prompt tokens per sample before any reduction
+    vtu: Any = None  # VirtualMap of the prefill (exact virtual token unmerging)
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Call:
     signal_flops: int = 0
     point: dict[str, Any] | None = None  # the decoder point being reduced: its layer and input
     ttv: torch.Tensor | None = None  # (B, L_orig + 1) TTV accumulated per original column
+    vtu: Any = None  # VirtualMap (virtual token unmerging) of this prefill
+    vtu_hidden: torch.Tensor | None = None
+    vtu_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    vtu_mask: Any = None
 
 
 class HFVisionLanguageAdapter(Adapter):
@@ -151,6 +156,7 @@ class HFVisionLanguageAdapter(Adapter):
             if req.kind.startswith(("llm_", "ttv")) and not 0 <= req.layer < n_layers:
                 raise SignalError(f"{req} asks for layer {req.layer}, but the LLM has {n_layers} layers")
         self._check_static_budgets()
+        self.vtu = None
         self._sig = inspect.signature(self.model.forward)
         self.vision_record: tuple[int, int] | None = None
         self.call = Call()
@@ -228,10 +234,11 @@ class HFVisionLanguageAdapter(Adapter):
             rt.stats.decode_steps += 1
             inputs["return_dict"] = True
             return (), inputs
-        rt.new_stats()
+        stats = rt.new_stats()
         mask = self.image_token_mask(inputs)
         if mask is None:
             return None
+        stats.visual_tokens = [0] * mask.shape[0]
         am = inputs.get("attention_mask")
         if am is not None and am.dim() != 2:
             raise LayoutError(
@@ -301,7 +308,12 @@ class HFVisionLanguageAdapter(Adapter):
                 logits = expand_to_original(logits, final)
             cache = output.past_key_values
             if cache is not None:
-                state = DecodeState(call.segments, final.orig_len, final.shape[0], list(call.lengths))
+                exact = self.vtu is not None and self.vtu.mode == "exact"
+                segments = call.segments
+                if self.vtu is not None and not exact:  # expand: the cache holds the virtual (original) rows
+                    segments = [s for s in segments if s.layer != 0]
+                state = DecodeState(segments, final.orig_len, final.shape[0], list(call.lengths),
+                                    vtu=call.vtu if exact else None)
                 setattr(cache, STATE_ATTR, state)
             if call.logits_to_keep is not None:
                 ltk = call.logits_to_keep
@@ -348,6 +360,8 @@ class HFVisionLanguageAdapter(Adapter):
         call.layout = res.layout
         if not res.changed:
             return None
+        if self.vtu is not None:
+            call.vtu = self.virtual_map(layout, res.src, res.layout, pos)
         pos = gather_rows(pos, res.src, dim=-1)
         if res.pos_shift is not None:
             pos = pos - res.pos_shift
@@ -394,10 +408,36 @@ class HFVisionLanguageAdapter(Adapter):
         return kwargs
 
     def _decode_mask2d(self, seg: Segment, b: int, device: torch.device) -> torch.Tensor:
+        return torch.cat([seg.layout.valid, self.decode_tail(b, self.call.n_new, device)], dim=1)
+
+    def decode_tail(self, b: int, n: int, device: torch.device) -> torch.Tensor:
+        """(B, n) padding mask of the last n tokens appended after the prefill."""
         tail = self.call.tail
         if tail is None:
-            tail = torch.ones(b, self.call.n_new, dtype=torch.bool, device=device)
-        return torch.cat([seg.layout.valid, tail.to(device)], dim=1)
+            return torch.ones(b, n, dtype=torch.bool, device=device)
+        return tail[:, -n:].to(device)
+
+    def virtual_map(self, original: Layout, src: torch.Tensor, reduced: Layout, pos: torch.Tensor):
+        """The virtual sequence (VTU): each original row -> the reduced row holding its merged group."""
+        from vtoken.adapters.vtu import build_map
+        from vtoken.ledger import image_rows
+        from vtoken.reducers.merging import representatives
+
+        b, length = original.shape
+        device = original.valid.device
+        unique = reduced.shape[1]
+        to_row = torch.full((b, length + 1), unique, dtype=torch.long, device=device)
+        to_row.scatter_(1, src, torch.arange(unique, device=device).expand(b, unique).contiguous())
+        rep_row = torch.arange(length, device=device).expand(b, length).contiguous()
+        groups = self.vision_signal(SignalRequest("encoder_groups", -1))
+        n = groups.shape[1]
+        ones = torch.ones_like(groups, dtype=torch.bool)
+        rep, _ = representatives(groups, ones, torch.arange(n, device=device).expand_as(groups))
+        flat, valid = image_rows(original)
+        starts = torch.tensor([s.start for s in self.call.spans], device=device)
+        rep_row.view(-1)[flat[valid]] = (starts[:, None] + rep)[valid]
+        to_unique = to_row.gather(1, rep_row)
+        return build_map(to_unique, original.valid, pos.expand(b, length), unique)
 
     # --- decoder layers: decoder stage -------------------------------------------------------------
     def _layer_hook(self, i: int):
@@ -669,7 +709,12 @@ class HFVisionLanguageAdapter(Adapter):
         st.tokens_per_layer = [lens for lens, _ in per_layer]
         st.visual_per_layer = [vis for _, vis in per_layer]
         st.visual_tokens = list(per_layer[0][1]) if per_layer else [0] * b
-        st.add_flops("llm_prefill", sum(layer_flops(spec, n) for lens, _ in per_layer for n in lens))
+        if call.vtu is not None:  # attention over the virtual (unmerged) rows, the rest on unique rows
+            virtual = call.lengths
+            st.add_flops("llm_prefill", sum(layer_flops(spec, n, queries=v) for lens, _ in per_layer
+                                            for n, v in zip(lens, virtual)))
+        else:
+            st.add_flops("llm_prefill", sum(layer_flops(spec, n) for lens, _ in per_layer for n in lens))
         st.add_flops("lm_head", linear_flops(lm_rows, [(spec.d, self.text_config().vocab_size)]))
         st.add_flops("reducer", call.signal_flops)
 

@@ -21,6 +21,7 @@ from torch import nn
 from vtoken.adapter import register_adapter
 from vtoken.adapters.encoder import BlockSpec, ViTMerger
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
+from vtoken.adapters.vtu import VirtualUnmerge
 from vtoken.errors import SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
 from vtoken.ops.attention import fingerprint, received_attention
@@ -124,6 +125,14 @@ class LlavaAdapter(HFVisionLanguageAdapter):
                       for layer in tower.encoder.layers]
             self.merger = ViTMerger(encoder[0], blocks, merge_layers=self.feature_layer() + 1)
             self.merger.install(self.handles)
+            if encoder[0].vtu is not None:
+                if self.runtime.boundary or self.runtime.decoder:
+                    raise UnsupportedModelError(
+                        "vtu (virtual token unmerging) cannot be combined with pruning reducers: the LLM "
+                        "must see every merged group"
+                    )
+                self.vtu = VirtualUnmerge(self, encoder[0].vtu)
+                self.vtu.install(self.handles)
             self.runtime.boundary.insert(0, MergedGroups())
             self.runtime.signals |= set(self.runtime.boundary[0].signals())
         reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_") or r.kind == "encoder_groups"]

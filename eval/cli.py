@@ -107,6 +107,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vtoken.eval import calibrate, models
+
+    try:
+        model, proc, info = models.load(args.model, device=args.device, dtype=_dtype(args.dtype))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {args.model!r}: {e}") from None
+    if args.images:
+        try:
+            images = calibrate.load_images(args.images, args.limit)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+    else:
+        images = calibrate.shapes_images(args.limit or 256)
+    n_tokens = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    n_tokens = n_tokens * n_tokens
+    if args.preset is not None and args.preset not in calibrate.PRESETS and args.target is None:
+        raise UsageError(f"unknown preset {args.preset!r}; use {', '.join(calibrate.PRESETS)} or give --target")
+    if args.target is not None and not 0 < args.target <= n_tokens:
+        raise UsageError(f"--target must be in 1..{n_tokens} (tokens per image)")
+    result = calibrate.calibrate(model, images, calibrate.targets_for(n_tokens, args.target, args.preset), proc,
+                                 batch_size=args.batch_size)
+    calibrate.save(result, args.out, info.get("model", args.model))
+    for name, entry in result.items():
+        if "error" in entry:
+            print(f"{name}: skipped: {entry['error']}", file=sys.stderr)
+            continue
+        print(f"{name}: target {entry['target']} tokens, {entry['mean_tokens']:.1f} on the {entry['images']} "
+              f"calibration images")
+    if all("error" in e for e in result.values()):
+        raise UsageError("no preset could be calibrated for this model")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtoken", description="Visual token reduction for VLMs.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -125,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="append the JSON record(s) to this JSONL file")
     run.add_argument("--no-baseline", action="store_true", help="skip the unreduced reference run")
     run.set_defaults(func=cmd_run)
+    cal = sub.add_parser("calibrate", help="DyMU per-layer merging thresholds for a model")
+    cal.add_argument("--model", required=True, help="model directory or 'tiny-llava-shapes'")
+    cal.add_argument("--images", help="folder of calibration images (default: Shapes training images)")
+    cal.add_argument("--target", type=int, help="tokens per image to leave (default: presets low/mid/high)")
+    cal.add_argument("--preset", help="preset name to store (low / mid / high, or a name for --target)")
+    cal.add_argument("--limit", type=int, help="use at most this many images")
+    cal.add_argument("--batch-size", type=int, default=16)
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="fp32")
+    cal.add_argument("--out", required=True, help="JSON file to write")
+    cal.set_defaults(func=cmd_calibrate)
     return ap
 
 

@@ -40,12 +40,15 @@ class TransformerSpec:
         return self.kv_heads * self.head_dim
 
 
-def layer_flops(spec: TransformerSpec, n: int, context: int | None = None) -> int:
-    """FLOPs of one layer for `n` query tokens attending to `context` keys (default n)."""
-    c = n if context is None else context
+def layer_flops(spec: TransformerSpec, n: int, context: int | None = None, queries: int | None = None) -> int:
+    """FLOPs of one layer for `n` tokens, whose attention has `queries` query rows (default n; DyMU's
+    virtual unmerging attends over more rows than it projects) attending to `context` keys
+    (default: the queries)."""
+    q = n if queries is None else queries
+    c = q if context is None else context
     a, akv, d = spec.attn_width, spec.kv_width, spec.d
     proj = 2 * n * d * (a + 2 * akv) + 2 * n * a * d
-    attn = 4 * n * c * a
+    attn = 4 * q * c * a
     mlp = 2 * n * d * spec.mlp * spec.mlp_mats
     return proj + attn + mlp
 

@@ -209,32 +209,33 @@ def tome_schedule(r: int | tuple[int, float] | list[int], layers: int) -> list[i
 
 
 def solve_schedule(n: int, keep: int, layers: int, protect: int = 1) -> list[int]:
-    """Merges per layer so that `n` tokens (+ `protect` prefix) end as exactly `keep` (+ prefix):
-    as even as possible, respecting ToMe's cap r <= (tokens - protect) // 2 at every layer."""
-    total = n - keep
-    if total < 0:
+    """Merges per layer that take `n` tokens (+ `protect` prefix) to exactly `keep` (+ prefix): as even
+    as possible, under ToMe's cap r <= (tokens - protect) // 2 at every layer.
+
+    Works on the token counts t_i entering each layer: U_i, the most tokens layer i may hold and still
+    reach `keep` under the caps, is found backwards; then t_{i+1} follows the even decrease, clamped
+    to [t_i - cap_i, U_{i+1}].
+    """
+    if keep > n:
         raise ValueError(f"keep={keep} exceeds the {n} tokens")
-    r = [total // layers + (1 if i < total % layers else 0) for i in range(layers)]
-    for _ in range(layers * 4):
-        t = n + protect
-        moved = False
-        for i in range(layers):
-            cap = (t - protect) // 2
-            if r[i] > cap:
-                extra = r[i] - cap
-                r[i] = cap
-                j = i - 1
-                while extra and j >= 0:  # earlier layers have more tokens: move the excess there
-                    room = (n + protect - sum(r[:j]) - protect) // 2 - r[j]
-                    add = min(room, extra)
-                    r[j] += add
-                    extra -= add
-                    j -= 1
-                if extra:
-                    raise ValueError(f"cannot merge {n} tokens down to {keep} in {layers} layers")
-                moved = True
-                break
-            t -= r[i]
-        if not moved:
-            return r
-    raise ValueError(f"cannot merge {n} tokens down to {keep} in {layers} layers")
+    if layers <= 0:
+        if keep != n:
+            raise ValueError("no layer to merge in")
+        return []
+    upper = [0] * (layers + 1)
+    upper[layers] = keep + protect
+    for i in range(layers - 1, -1, -1):  # largest t with t - (t - protect) // 2 <= upper[i + 1]
+        t = 2 * upper[i + 1] - protect
+        while t - (t - protect) // 2 > upper[i + 1]:
+            t -= 1
+        upper[i] = t
+    start = n + protect
+    if start > upper[0]:
+        raise ValueError(f"cannot merge {n} tokens down to {keep} in {layers} layers (at most half per layer)")
+    t, out = start, []
+    for i in range(layers):
+        even = start - round((i + 1) * (n - keep) / layers)
+        nxt = min(max(even, t - (t - protect) // 2), upper[i + 1])
+        out.append(t - nxt)
+        t = nxt
+    return out

@@ -251,10 +251,63 @@ class MergedGroups(Reducer):
 
     def select(self, x: StageInput) -> Selection:
         group = x.signal(self.signals()[0]).long()  # (n_img, N) merged token of each raster position
-        n_img, n = group.shape
-        big = torch.full((n_img, n + 1), n, dtype=torch.long, device=group.device)
-        idx = torch.where(x.valid, group, n)
-        first = big.scatter_reduce(1, idx, x.positions.long(), reduce="amin")  # smallest position per group
-        keep = x.valid & (first.gather(1, idx) == x.positions)
-        sizes = torch.zeros(n_img, n + 1, device=group.device).scatter_add_(1, idx, x.valid.float())
-        return Selection(keep=keep, sizes=sizes.gather(1, idx).to(x.sizes.dtype), counts=keep.sum(1).tolist())
+        rep, size = representatives(group, x.valid, x.positions)
+        keep = x.valid & (rep == x.positions)
+        return Selection(keep=keep, sizes=size.to(x.sizes.dtype), counts=keep.sum(1).tolist())
+
+
+def representatives(group: torch.Tensor, valid: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tokens labelled by merged group (n, N): each token's group representative (the group's
+    smallest position) and the group's size, both (n, N)."""
+    n_img, n = group.shape
+    idx = torch.where(valid, group, n)
+    big = torch.full((n_img, n + 1), n, dtype=torch.long, device=group.device)
+    first = big.scatter_reduce(1, idx, positions.long(), reduce="amin")
+    size = torch.zeros(n_img, n + 1, device=group.device).scatter_add_(1, idx, valid.float())
+    return first.gather(1, idx), size.gather(1, idx)
+
+
+@dataclass
+class DyMUCalibration(EncoderMerge):
+    """Finds DyMU's per-layer thresholds (DyMU §3.1, "threshold finding"): run ToMe-style merging with
+    a fixed r_l per layer at the *batch* level — rank all B * |A| best-match edges of the batch, merge
+    exactly the top B * r_l, and record tau_l = max(score of the highest unmerged edge, 0) — then average
+    tau_l over batches (a running mean). `target` tokens leave the last merge layer; r_l is the even
+    schedule (remainder on the first layers, never above ToMe's 50% per layer). Not registered: used
+    by `vtoken calibrate`."""
+
+    target: int = 192
+    _r: list[int] = field(default_factory=list, init=False, repr=False)
+    _sum: list[float] = field(default_factory=list, init=False, repr=False)
+    _n: list[int] = field(default_factory=list, init=False, repr=False)
+
+    def configure(self, info: ModelInfo) -> None:
+        super().configure(info)
+        try:
+            self._r = solve_schedule(self._tokens, self.target, self._layers, self._prefix)
+        except ValueError as e:
+            raise BudgetError(f"dymu calibration: {e} (at most half the tokens merge per layer)") from None
+        self._sum = [0.0] * self._layers
+        self._n = [0] * self._layers
+
+    def plan(self, layer: int, metric: torch.Tensor, counts: list[int]) -> MergePlan | None:
+        r = self._r[layer] if layer < len(self._r) else 0
+        if r <= 0:
+            return None
+        _, node_max = bipartite_plan(metric, counts, [0] * len(counts), protect=self._prefix)
+        edges = node_max.flatten().sort(descending=True).values
+        k = min(r * len(counts), int(torch.isfinite(edges).sum()))
+        tau = max(float(edges[k]) if k < edges.numel() and torch.isfinite(edges[k]) else 0.0, 0.0)
+        self._sum[layer] += tau
+        self._n[layer] += 1
+        # merge exactly the batch's top k edges (ties at the threshold aside)
+        return bipartite_plan(metric, counts, protect=self._prefix, threshold=tau)[0]
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [s / n if n else math.inf for s, n in zip(self._sum, self._n)]
+
+    @property
+    def schedule(self) -> list[int]:
+        return list(self._r)
