@@ -92,6 +92,12 @@ def test_schedules():
 # --- exactness ----------------------------------------------------------------------------------------
 
 
+def tiny_clip(image_size: int = 64, layers: int = 3) -> torch.nn.Module:
+    text = {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
+    vision = {"image_size": image_size, "layers": layers, "width": 64, "patch_size": 16, "head_width": 16}
+    return open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).eval()
+
+
 def test_r0_and_infinite_thresholds_are_bit_identical_on_all_three_families():
     batch = make_batch([make_prompt(1, seed=1), make_prompt(2, seed=2)])
     llava, px = tiny_llava(), pixels(3)
@@ -105,10 +111,7 @@ def test_r0_and_infinite_thresholds_are_bit_identical_on_all_three_families():
         ref = vit(x)
         with vtoken.patch(vit, "tome", r=0):
             assert torch.equal(vit(x), ref)
-        clip = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 64, "layers": 3, "width": 64, "patch_size": 16,
-                                                        "head_width": 16},
-                              text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2,
-                                        "layers": 1}).eval()
+        clip = tiny_clip()
         ref = clip.encode_image(x)
         with vtoken.patch(clip, "dymu", thresholds=[float("inf")] * 3):
             assert torch.equal(clip.encode_image(x), ref)
@@ -146,9 +149,7 @@ def test_hook_merging_equals_merging_before_the_mlp():
 
 def test_timm_and_open_clip_outputs_keep_their_shape():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=96).eval()
-    clip = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 96, "layers": 4, "width": 64, "patch_size": 16,
-                                                    "head_width": 16},
-                          text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}).eval()
+    clip = tiny_clip(image_size=96, layers=4)
     x = torch.randn(3, 3, 96, 96)
     with torch.no_grad():
         with vtoken.patch(vit, "tome", r=16) as p:
