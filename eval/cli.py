@@ -142,6 +142,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vtoken.eval import bench
+
+    if args.target == "vit":
+        records = bench.bench_vit(args.model or "vit_base_patch16_224", tuple(args.r), args.batch_size,
+                                  args.device, _dtype(args.dtype), args.repeat)
+        bench.write(records, args.out, bench.vit_table(records))
+        return 0
+    raise UsageError(f"unknown bench target {args.target!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtoken", description="Visual token reduction for VLMs.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -171,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dtype", default="fp32")
     cal.add_argument("--out", required=True, help="JSON file to write")
     cal.set_defaults(func=cmd_calibrate)
+    bn = sub.add_parser("bench", help="speed benchmarks on full-size architectures with random weights")
+    bn.add_argument("target", choices=["vit"], help="vit: timm ViT images/s with ToMe")
+    bn.add_argument("--model", help="timm model name (vit: default vit_base_patch16_224)")
+    bn.add_argument("--r", type=int, nargs="+", default=[8, 13, 16], help="ToMe r values (vit)")
+    bn.add_argument("--batch-size", type=int, default=32)
+    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--dtype", default="fp32")
+    bn.add_argument("--repeat", type=int, default=10)
+    bn.add_argument("--out", help="append JSONL records here (and write a .md table beside it)")
+    bn.set_defaults(func=cmd_bench)
     return ap
 
 
