@@ -1,6 +1,7 @@
 """vtoken.adapters: one module per model family. Importing this package registers every adapter."""
 
 from vtoken.adapters.llava import LlavaAdapter
+from vtoken.adapters.qwen import QwenVLAdapter
 from vtoken.adapters.vit import OpenClipAdapter, TimmViTAdapter
 
-__all__ = ["LlavaAdapter", "OpenClipAdapter", "TimmViTAdapter"]
+__all__ = ["LlavaAdapter", "OpenClipAdapter", "QwenVLAdapter", "TimmViTAdapter"]

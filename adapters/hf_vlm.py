@@ -68,6 +68,8 @@ class Call:
     """State of one top-level forward (reset at every call, so an exception leaves nothing stale)."""
 
     mode: str = "off"  # "off" | "prefill" | "decode"
+    images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, start, tokens) per image
+    inputs: dict[str, Any] = field(default_factory=dict)
     spans: list[ImageSpan] = field(default_factory=list)
     valid: torch.Tensor | None = None  # (B, L) bool, device
     lengths: list[int] = field(default_factory=list)
@@ -112,8 +114,8 @@ class HFVisionLanguageAdapter(Adapter):
         """(B, L) bool mask of image placeholder tokens in this call's inputs (None if none can exist)."""
         raise NotImplementedError
 
-    def image_grids(self, inputs: dict[str, Any], n_tokens: list[int]) -> list[tuple[int, int]]:
-        """Token grid of each image, in order, given the lengths of the placeholder runs."""
+    def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        """Token grid (rows, cols) of each image, in order ((sample, start, tokens) per image)."""
         raise NotImplementedError
 
     def has_new_images(self, inputs: dict[str, Any]) -> bool:
@@ -233,6 +235,14 @@ class HFVisionLanguageAdapter(Adapter):
             call.decode = state
             rt.stats.decode_steps += 1
             inputs["return_dict"] = True
+            seg0 = state.segments[0] if state.segments and state.segments[0].layer == 0 else None
+            if seg0 is not None and inputs.get("attention_mask") is None and inputs.get("position_ids") is None:
+                # the model would number the new tokens from the reduced cache's length: give it the
+                # original length through a full padding mask instead
+                x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+                n_new = cache_len - seg0.layout.shape[1] + x.shape[1]
+                inputs["attention_mask"] = torch.ones(x.shape[0], state.orig_len + n_new, dtype=torch.long,
+                                                      device=x.device)
             return (), inputs
         stats = rt.new_stats()
         mask = self.image_token_mask(inputs)
@@ -249,11 +259,12 @@ class HFVisionLanguageAdapter(Adapter):
         img = mask.cpu()
         valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=mask.device)
         valid_cpu = valid.cpu()
-        spans = self._spans(inputs, img & valid_cpu)
-        if not spans:
+        images = self.split_runs(inputs, self._runs(img & valid_cpu))
+        if not images:
             return None
         call.mode = "prefill"
-        call.spans = spans
+        call.images = images
+        call.inputs = inputs
         call.valid = valid
         call.lengths = valid_cpu.sum(1).tolist()
         call.right_align = bool(valid_cpu[:, -1].all())
@@ -267,33 +278,31 @@ class HFVisionLanguageAdapter(Adapter):
         inputs["return_dict"] = True
         return (), inputs
 
-    def _spans(self, inputs: dict[str, Any], img: torch.Tensor) -> list[ImageSpan]:
-        """Split the runs of image tokens (host mask) into images, in order."""
+    @staticmethod
+    def _runs(img: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(sample, start, length) of each run of image tokens in a host (B, L) mask, in order."""
         b = img.shape[0]
         flat = torch.cat([torch.zeros(b, 1, dtype=torch.bool), img, torch.zeros(b, 1, dtype=torch.bool)], 1)
-        edges = (flat[:, 1:].int() - flat[:, :-1].int())
+        edges = flat[:, 1:].int() - flat[:, :-1].int()
         starts = (edges == 1).nonzero().tolist()
         ends = (edges == -1).nonzero().tolist()
-        runs = [(s[0], s[1], e[1] - s[1]) for s, e in zip(starts, ends)]
-        if not runs:
-            return []
-        grids = self.image_grids(inputs, [r[2] for r in runs])
-        spans: list[ImageSpan] = []
-        gi = 0
-        for sample, start, n in runs:
-            pos = start
-            while pos < start + n:
-                if gi >= len(grids):
-                    raise LayoutError(f"more image tokens than images: sample {sample} has an extra run at {pos}")
-                grid = grids[gi]
-                spans.append(ImageSpan(sample, pos, grid))
-                pos += grid[0] * grid[1]
-                gi += 1
-            if pos != start + n:
-                raise LayoutError(
-                    f"the image tokens of sample {sample} (run of {n} at {start}) do not split into whole "
-                    f"images of {[g[0] * g[1] for g in grids]} tokens"
-                )
+        return [(s[0], s[1], e[1] - s[1]) for s, e in zip(starts, ends)]
+
+    def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """The images, (sample, start, tokens), in the runs of placeholder tokens. Default: one per run."""
+        return runs
+
+    def _spans(self) -> list[ImageSpan]:
+        """Give each image of this prefill its token grid (after `prepare_vision`)."""
+        call = self.call
+        grids = self.image_grids(call.inputs, call.images)
+        if len(grids) != len(call.images):
+            raise LayoutError(f"{len(call.images)} images in the prompt but {len(grids)} image grids")
+        spans = []
+        for (sample, start, n), grid in zip(call.images, grids):
+            if grid[0] * grid[1] != n:
+                raise LayoutError(f"image at sample {sample}, position {start} has {n} tokens, not {grid[0]}x{grid[1]}")
+            spans.append(ImageSpan(sample, start, grid))
         return spans
 
     def _top_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -344,13 +353,14 @@ class HFVisionLanguageAdapter(Adapter):
         if embeds is None:
             raise LayoutError("vtoken expects the language model to be called with inputs_embeds")
         b, length, _ = embeds.shape
+        self.prepare_vision(embeds)
+        call.spans = self._spans()
         layout = Layout.initial(call.valid, call.spans, call.lengths, call.right_align)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(length, device=embeds.device)[None]
         pos = pos.expand(*pos.shape[:-2], b, length)
         call.layout, call.pos = layout, pos
-        self.prepare_vision(embeds)
         rt = self.runtime
         if not rt.boundary:
             return None
@@ -473,12 +483,20 @@ class HFVisionLanguageAdapter(Adapter):
                     pe = tuple(gather_rows(t, res.src, dim=self.pos_emb_seq_dim) for t in cur["position_embeddings"])
                 mask = create_causal_mask(
                     config=self.text_config(), inputs_embeds=res.hidden, attention_mask=res.layout.valid,
-                    past_key_values=kwargs.get("past_key_values"), position_ids=pos, layer_idx=i,
+                    past_key_values=kwargs.get("past_key_values"), position_ids=pos if pos.dim() == 2 else None,
+                    layer_idx=i,
                 )
                 shift = _add(prev.dec_shift if prev is not None else None, res.dec_shift)
                 call.segments.append(Segment(i, res.layout, shift, new_rope))
                 call.pos = pos
-                call.seg_kwargs = {"attention_mask": mask, "position_embeddings": pe, "position_ids": pos}
+                seg = {"attention_mask": mask, "position_embeddings": pe}
+                layer_pos = cur.get("position_ids")  # what the layers receive (text positions for M-RoPE models)
+                if layer_pos is not None:
+                    b = res.hidden.shape[0]
+                    layer_pos = gather_rows(layer_pos.expand(*layer_pos.shape[:-2], b, layer_pos.shape[-1]),
+                                            res.src, dim=-1)
+                    seg["position_ids"] = layer_pos - res.pos_shift if res.pos_shift is not None else layer_pos
+                call.seg_kwargs = seg
                 hidden = res.hidden
         if call.seg_kwargs is not None:
             kwargs = dict(kwargs, **call.seg_kwargs)
@@ -503,9 +521,13 @@ class HFVisionLanguageAdapter(Adapter):
             mask = create_causal_mask(
                 config=self.text_config(), inputs_embeds=hidden,
                 attention_mask=self._decode_mask2d(seg, b, hidden.device),
-                past_key_values=kwargs.get("past_key_values"), position_ids=pos, layer_idx=i,
+                past_key_values=kwargs.get("past_key_values"), position_ids=pos if pos.dim() == 2 else None,
+                layer_idx=i,
             )
-            call.seg_kwargs = {"attention_mask": mask, "position_ids": pos}
+            call.seg_kwargs = {"attention_mask": mask}
+            layer_pos = kwargs.get("position_ids")
+            if layer_pos is not None and seg.dec_shift is not None:
+                call.seg_kwargs["position_ids"] = _shift(layer_pos, seg.dec_shift)
             if seg.new_rope:
                 call.seg_kwargs["position_embeddings"] = self.rotary(hidden, pos)
         if call.seg_kwargs is None:

@@ -22,7 +22,7 @@ from vtoken.adapter import register_adapter
 from vtoken.adapters.encoder import BlockSpec, ViTMerger
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.adapters.vtu import VirtualUnmerge
-from vtoken.errors import SignalError, UnsupportedModelError
+from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
 from vtoken.ops.attention import fingerprint, received_attention
 from vtoken.reducers.base import ModelInfo, SignalRequest
@@ -68,10 +68,20 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         token = table(torch.tensor(image_id, device=embeds.device))
         return (embeds == token).all(-1)
 
-    def image_grids(self, inputs: dict[str, Any], n_tokens: list[int]) -> list[tuple[int, int]]:
+    def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Adjacent images form one run of placeholders: split every run into images of N tokens."""
         g = self.grid()
         n = g[0] * g[1]
-        return [g] * (sum(n_tokens) // n)
+        out = []
+        for sample, start, length in runs:
+            if length % n:
+                raise LayoutError(f"a run of {length} image tokens (sample {sample}) is not a whole number "
+                                  f"of {n}-token images")
+            out += [(sample, start + i * n, n) for i in range(length // n)]
+        return out
+
+    def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        return [self.grid()] * len(images)
 
     def has_new_images(self, inputs: dict[str, Any]) -> bool:
         mm = inputs.get("mm_encoder_outputs") or {}
@@ -198,8 +208,8 @@ class LlavaAdapter(HFVisionLanguageAdapter):
                 "before the model was patched; run the patched model on pixel_values"
             )
         d = embeds.shape[-1]
-        idx = torch.stack([torch.arange(s.start, s.start + s.n) + s.sample * embeds.shape[1]
-                           for s in self.call.spans]).to(embeds.device)
+        idx = torch.stack([torch.arange(start, start + n) + sample * embeds.shape[1]
+                           for sample, start, n in self.call.images]).to(embeds.device)
         mine = fingerprint(embeds.reshape(-1, d)[idx])
         theirs = cap["fingerprint"].to(mine.device)
         close = ((mine[:, None] - theirs[None]).abs() <= 1e-6 * (theirs.abs()[None] + 1)).all(-1)

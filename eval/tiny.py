@@ -42,3 +42,76 @@ def tiny_llava(
         for p in model.parameters():
             p.mul_(3.0)
     return model.to(dtype)
+
+
+QWEN_IMAGE, QWEN_START, QWEN_END = 151, 150, 153
+
+
+def tiny_qwen(kind: str = "qwen2_vl", seed: int = 0, llm_layers: int = 4, vision_layers: int = 2,
+              attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """A Qwen2-VL / Qwen2.5-VL-shaped model (packed vision tower, 2x2 merger, M-RoPE) for tests."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=200, max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=152, vision_start_token_id=QWEN_START,
+               vision_end_token_id=QWEN_END)
+    if kind == "qwen2_vl":
+        vision = dict(depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    elif kind == "qwen2_5_vl":
+        vision = dict(depth=vision_layers, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[vision_layers - 1], out_hidden_size=64)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(kind)
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.to(dtype)
+
+
+def qwen_inputs(samples: list[list[tuple[int, int]]], text: int = 4, seed: int = 0, side: str = "left"):
+    """Inputs for tiny Qwen models: per sample a list of image grids (h, w) in patches (even numbers).
+
+    Each image is wrapped in vision start / end tokens and preceded by two text tokens; `text`
+    instruction tokens follow. Returns input_ids, attention_mask, mm_token_type_ids, pixel_values,
+    image_grid_thw (images in order), left-padded.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seqs, pixels, grids = [], [], []
+    for imgs in samples:
+        ids = [1]
+        for h, w in imgs:
+            ids += torch.randint(10, 140, (2,), generator=g).tolist()
+            ids += [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+            pixels.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=g))
+            grids.append([1, h, w])
+        ids += torch.randint(10, 140, (text,), generator=g).tolist()
+        seqs.append(ids)
+    length = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(length - len(s), length) if side == "left" else slice(0, len(s))
+        input_ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == QWEN_IMAGE).int()}
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+        out["image_grid_thw"] = torch.tensor(grids)
+    return out

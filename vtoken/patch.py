@@ -162,6 +162,7 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
     adapter_cls = find_adapter(model)
     reducers, note = _resolve(reducer, params, adapter_cls.default_reducer)
     adapter = adapter_cls(model)
+    Runtime(reducers).check_stages(adapter_cls.stages, adapter.family)  # before per-model configuration
     info = adapter.model_info()
     parts: list[Reducer] = []
     for r in reducers:
@@ -169,7 +170,7 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
         r.configure(info)
         parts.extend(r.parts())
     runtime = Runtime(parts)
-    runtime.check_stages(adapter_cls.stages, adapter_cls.family)
+    runtime.check_stages(adapter_cls.stages, adapter.family)
     adapter.runtime = runtime
     try:
         adapter.install()

@@ -24,13 +24,14 @@ class ToDREDiversity(Reducer):
     token whose summed similarity to the kept set is lowest.
     pivot="cls": the token with the highest CLS attention at the vision feature layer (the paper's
     "last layer" of the encoder as the LLM sees it, heads averaged); "random": a seeded random token
-    (the paper's ablation, for towers without CLS).
+    (the paper's ablation, for towers without CLS); "auto" (default): "cls" when the tower has a CLS
+    token, else "random".
     """
 
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 64
     selection: Literal["kcenter", "maxsum"] = "kcenter"
-    pivot: Literal["cls", "random"] = "cls"
+    pivot: Literal["auto", "cls", "random"] = "auto"
     seed: int = 0
     vision_layer: int = -1
 
@@ -38,17 +39,19 @@ class ToDREDiversity(Reducer):
         super().__post_init__()
         if self.selection not in ("kcenter", "maxsum"):
             raise ParameterError(f"todre: selection must be 'kcenter' or 'maxsum', got {self.selection!r}")
-        if self.pivot not in ("cls", "random"):
-            raise ParameterError(f"todre: pivot must be 'cls' or 'random', got {self.pivot!r}")
+        if self.pivot not in ("auto", "cls", "random"):
+            raise ParameterError(f"todre: pivot must be 'auto', 'cls' or 'random', got {self.pivot!r}")
 
     def configure(self, info: ModelInfo) -> None:
+        if self.pivot == "auto":
+            self.pivot = "cls" if info.has_cls else "random"
         if self.pivot == "cls" and not info.has_cls:
             raise UnsupportedModelError(
                 f"the {info.family} vision tower has no CLS token; use todre with pivot='random'"
             )
 
     def signals(self) -> tuple[SignalRequest, ...]:
-        return (SignalRequest("vision_attention", self.vision_layer, "cls"),) if self.pivot == "cls" else ()
+        return (SignalRequest("vision_attention", self.vision_layer, "cls"),) if self.pivot in ("cls", "auto") else ()
 
     def select(self, x: StageInput) -> Selection:
         if self.pivot == "cls":
@@ -124,7 +127,7 @@ class ToDRE(Reducer):
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 64
     selection: Literal["kcenter", "maxsum"] = "kcenter"
-    pivot: Literal["cls", "random"] = "cls"
+    pivot: Literal["auto", "cls", "random"] = "auto"
     seed: int = 0
     tau: float = 0.10
     check_layer: int | None = None

@@ -28,6 +28,8 @@ class VisionZip(Reducer):
       features and passed through the model's projector.
     Split: D = round(keep * 54 / 64) (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30), C = keep - D.
 
+    Towers without CLS (Qwen2-VL): dominant tokens by the mean attention received from all queries.
+
     Deviations, both forced by Hugging Face LLaVA keeping exactly one placeholder per patch: the
     official D counts the CLS token (D - 1 patches + CLS); here there is no slot for CLS, so all D
     dominant tokens are patches. Contextual tokens sit at their target's position (its position id
@@ -40,14 +42,13 @@ class VisionZip(Reducer):
     vision_layer: int = -1
 
     def configure(self, info: ModelInfo) -> None:
-        if not info.has_cls:
-            raise UnsupportedModelError(
-                f"visionzip ranks tokens by CLS attention; the {info.family} vision tower has no CLS token"
-            )
+        # Towers without a CLS token (Qwen2-VL): dominant tokens by the attention they receive from
+        # all queries instead (vtoken's substitute; the paper has no such model).
+        self._query = "cls" if info.has_cls else "all"
 
     def signals(self) -> tuple[SignalRequest, ...]:
         return (
-            SignalRequest("vision_attention", self.vision_layer, "cls"),
+            SignalRequest("vision_attention", self.vision_layer, getattr(self, "_query", "cls")),
             SignalRequest("vision_keys", self.vision_layer),
             SignalRequest("vision_features", -1),
         )
@@ -60,38 +61,50 @@ class VisionZip(Reducer):
 
     def select(self, x: StageInput) -> Selection:
         require_full_grid(x, self.name)
-        if len(set(x.keep)) != 1 or len(set(x.grids)) != 1:
-            raise ParameterError("visionzip: all images of a batch must share one grid and budget")
-        n_img, n = x.valid.shape
-        dom_n, ctx_n = self.split(x.keep[0])
         att_req, key_req, feat_req = self.signals()
-        rows = torch.arange(n_img, device=x.features.device)[:, None]
-        keep = topk_mask(x.signal(att_req), torch.full((n_img,), dom_n, device=rows.device), x.valid)
-        values, sizes = x.features, x.sizes
-        if ctx_n > 0:
-            rest = n - dom_n
-            remaining = keep.int().argsort(dim=1, stable=True)[:, :rest]  # non-dominant patches, raster order
-            step = max(1, rest // ctx_n)
-            is_target = torch.zeros(rest, dtype=torch.bool, device=rows.device)
-            is_target[torch.arange(0, rest, step, device=rows.device)[:ctx_n]] = True
-            targets, others = remaining[:, is_target], remaining[:, ~is_target]
-            keys = F.normalize(x.signal(key_req).float(), dim=-1)
-            assign = (keys[rows, others] @ keys[rows, targets].transpose(1, 2)).argmax(-1)  # (n, R - C)
-            feats = x.signal(feat_req)
-            summed = torch.zeros(n_img, targets.shape[1], feats.shape[-1], device=feats.device, dtype=torch.float32)
-            summed.scatter_add_(1, assign[..., None].expand(-1, -1, feats.shape[-1]), feats[rows, others].float())
-            count = torch.zeros(n_img, targets.shape[1], device=feats.device).scatter_add_(
-                1, assign, torch.ones_like(assign, dtype=torch.float32))
-            ctx = feats[rows, targets].float() + summed / count.clamp_min(1)[..., None]
-            ctx = ctx.to(feats.dtype)
-            if x.project is not None:
-                ctx = x.project(ctx)
-            elif ctx.shape[-1] != x.features.shape[-1]:
-                raise UnsupportedModelError("visionzip needs the model's projector to embed contextual tokens")
-            values = x.features.clone()
-            values[rows, targets] = ctx.to(values.dtype)
-            sizes = x.sizes.clone()
-            sizes[rows, targets] = 1 + count.to(sizes.dtype)
-            keep = keep.clone()
-            keep[rows, targets] = True
+        cls_att, keys, feats = x.signal(att_req), x.signal(key_req), x.signal(feat_req)
+        keep = torch.zeros_like(x.valid)
+        values, sizes = x.features.clone(), x.sizes.clone()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, ((h, w), k) in enumerate(zip(x.grids, x.keep)):
+            groups.setdefault((h * w, k), []).append(i)
+        for (n, k), members in groups.items():  # images of one size and budget: one batched computation
+            ids = torch.tensor(members, device=x.features.device)
+            kp, vals, szs = self._select_group(cls_att[ids, :n], keys[ids, :n], feats[ids, :n],
+                                               x.features[ids, :n], x.sizes[ids, :n], k, x.project)
+            keep[ids, :n], values[ids, :n], sizes[ids, :n] = kp, vals, szs
         return Selection(keep=keep, values=values, sizes=sizes)
+
+    def _select_group(self, cls_att, keys, feats, features, sizes, k, project):
+        m, n = cls_att.shape
+        dom_n, ctx_n = self.split(k)
+        rows = torch.arange(m, device=features.device)[:, None]
+        keep = topk_mask(cls_att, torch.full((m,), dom_n, device=rows.device))
+        values = features
+        if ctx_n == 0:
+            return keep, values, sizes
+        rest = n - dom_n
+        remaining = keep.int().argsort(dim=1, stable=True)[:, :rest]  # non-dominant patches, raster order
+        step = max(1, rest // ctx_n)
+        is_target = torch.zeros(rest, dtype=torch.bool, device=rows.device)
+        is_target[torch.arange(0, rest, step, device=rows.device)[:ctx_n]] = True
+        targets, others = remaining[:, is_target], remaining[:, ~is_target]
+        kn = F.normalize(keys.float(), dim=-1)
+        assign = (kn[rows, others] @ kn[rows, targets].transpose(1, 2)).argmax(-1)  # (m, R - C)
+        d = feats.shape[-1]
+        summed = torch.zeros(m, targets.shape[1], d, device=feats.device, dtype=torch.float32)
+        summed.scatter_add_(1, assign[..., None].expand(-1, -1, d), feats[rows, others].float())
+        count = torch.zeros(m, targets.shape[1], device=feats.device).scatter_add_(
+            1, assign, torch.ones_like(assign, dtype=torch.float32))
+        ctx = (feats[rows, targets].float() + summed / count.clamp_min(1)[..., None]).to(feats.dtype)
+        if project is not None:
+            ctx = project(ctx)
+        elif ctx.shape[-1] != features.shape[-1]:
+            raise UnsupportedModelError("visionzip needs the model's projector to embed contextual tokens")
+        values = features.clone()
+        values[rows, targets] = ctx.to(values.dtype)
+        sizes = sizes.clone()
+        sizes[rows, targets] = 1 + count.to(sizes.dtype)
+        keep = keep.clone()
+        keep[rows, targets] = True
+        return keep, values, sizes

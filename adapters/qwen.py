@@ -1,0 +1,329 @@
+"""Adapter for Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`), transformers 5.x.
+
+Anatomy: `model.model.visual` is a packed vision transformer (all images' patches in one sequence,
+`cu_seqlens` per image; Qwen2.5-VL permutes patches into attention windows and back after the
+merger) whose `merger` turns each 2x2 unit of patches into one LLM token; `model.model.language_model`
+uses M-RoPE: position ids (3, B, L) (or (4, B, L) with text positions first, as `generate` passes).
+An image of grid (t, h, w) patches becomes t*h*w/4 placeholder tokens, in raster order of the
+(t*h/2, w/2) merged grid, between vision start/end tokens.
+
+Kept tokens keep their original 3-D position ids (all rows), so `rope_deltas` and the positions
+`generate` computes for decoding stay valid. `renumber=True` is refused (compacting 3-D ids has no
+single meaning). Encoder-stage merging inside this packed tower is not supported.
+
+Vision signals (HiPrune's Qwen recipe): attention is recomputed as a full softmax over each image's
+patches (ignoring Qwen2.5-VL's windows) from the block's q/k with its 2-D RoPE, averaged per 2x2
+merge unit, and mapped to raster order. There is no CLS token: a "cls" query (VisionZip, ToDRE's
+pivot) is served by the mean over all queries, documented as vtoken's substitute.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtoken.adapter import register_adapter
+from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
+from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
+from vtoken.flops import TransformerSpec, linear_flops, stack_flops
+from vtoken.ops.attention import fingerprint, received_attention
+from vtoken.reducers.base import ModelInfo, SignalRequest
+
+FAMILIES = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
+
+
+@register_adapter
+class QwenVLAdapter(HFVisionLanguageAdapter):
+    family = "qwen2_vl"
+    supports = "Qwen2VLForConditionalGeneration (Qwen2-VL), Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL)"
+    stages = frozenset({"boundary", "decoder"})
+    default_reducer = ("fastv", {"keep": 0.5})
+
+    def __init__(self, model: nn.Module, runtime: Any = None) -> None:
+        super().__init__(model, runtime)
+        self.family = FAMILIES[type(model).__name__]
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in FAMILIES and hasattr(model, "model")
+
+    # --- anatomy ------------------------------------------------------------------------------------
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    def visual(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def unit(self) -> int:
+        return self.visual().spatial_merge_size
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers),
+                         vision_layers=len(self.visual().blocks), feature_layer=len(self.visual().blocks) - 1,
+                         has_cls=False, vision_tokens=None, prefix_tokens=0)
+
+    def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        image_id = self.model.config.image_token_id
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            return ids == image_id
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        token = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+        return (embeds == token).all(-1)
+
+    def has_new_images(self, inputs: dict[str, Any]) -> bool:
+        mm = inputs.get("mm_encoder_outputs") or {}
+        return inputs.get("pixel_values") is not None or mm.get("image") is not None
+
+    def _grids_from(self, thw: torch.Tensor) -> list[tuple[int, int]]:
+        m = self.unit
+        return [(int(t) * int(h) // m, int(w) // m) for t, h, w in thw.tolist()]
+
+    def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            return runs  # the chat template delimits every image with vision start / end tokens
+        sizes = [h * w for h, w in self._grids_from(thw)]
+        out, k = [], 0
+        for sample, start, length in runs:
+            pos = start
+            while pos < start + length:
+                if k >= len(sizes):
+                    raise LayoutError("more image tokens than images in image_grid_thw")
+                out.append((sample, pos, sizes[k]))
+                pos += sizes[k]
+                k += 1
+            if pos != start + length:
+                raise LayoutError(f"a run of {length} image tokens does not match image_grid_thw")
+        return out
+
+    def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+        thw = inputs.get("image_grid_thw")
+        if thw is not None:
+            return self._grids_from(thw)
+        # generate() encodes images first and drops image_grid_thw: use the matched tower run
+        cap, rows = self.vision_capture or {}, self._vision_rows
+        if rows is None or "grids" not in cap:
+            raise LayoutError("image grids unknown: pass image_grid_thw, or pixel_values to the patched model")
+        return [cap["grids"][i] for i in rows.tolist()]
+
+    # --- vision tower: capture, matching, signals ---------------------------------------------------
+    def install(self) -> None:
+        for r in self.runtime.reducers:
+            if r.renumber:
+                raise UnsupportedModelError(
+                    f"{r.name}: renumber=True is not supported with M-RoPE (3-D position ids); keep the originals"
+                )
+        super().install()
+
+    def vision_layer(self, layer: int) -> int:
+        n = len(self.visual().blocks)
+        idx = n - 1 if layer == -1 else layer
+        if not 0 <= idx < n:
+            raise SignalError(f"vision layer {layer} does not exist; the tower has {n} blocks (0..{n - 1})")
+        return idx
+
+    def install_vision(self) -> None:
+        visual = self.visual()
+        self.vision_capture: dict[str, Any] | None = None
+        self._vision_rows: torch.Tensor | None = None
+        self.handles.append(visual.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        self.handles.append(visual.register_forward_hook(self._vision_post))
+        reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_")]
+        for layer in sorted({self.vision_layer(r.layer) for r in reqs if r.kind != "vision_features"}):
+            blk = visual.blocks[layer]
+            self.handles.append(blk.register_forward_pre_hook(self._capture_rope(layer), with_kwargs=True))
+            self.handles.append(blk.attn.qkv.register_forward_hook(self._capture_qkv(layer)))
+        if any(r.kind == "vision_features" for r in reqs):
+            self.handles.append(visual.merger.register_forward_pre_hook(self._capture_merger_input))
+
+    def _vision_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        thw = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        pixels = args[0] if args else kwargs.get("hidden_states")
+        if thw is None or pixels is None:
+            return
+        self.vision_capture = {"grids": self._grids_from(thw), "thw": thw, "patches": pixels.shape[0]}
+        self.vision_record = (len(self.vision_capture["grids"]), pixels.shape[0])
+
+    def _vision_post(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        cap = self.vision_capture
+        if cap is None:
+            return
+        sizes = [h * w for h, w in cap["grids"]]
+        cap["tokens"] = list(torch.split(output.pooler_output, sizes))
+
+    def _capture_rope(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if self.vision_capture is not None:
+                self.vision_capture[f"rope{layer}"] = kwargs.get("position_embeddings")
+
+        return hook
+
+    def _capture_qkv(self, layer: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.vision_capture is not None:
+                self.vision_capture[f"qkv{layer}"] = output
+
+        return hook
+
+    def _capture_merger_input(self, module: nn.Module, args: tuple) -> None:
+        if self.vision_capture is not None:
+            x = module.ln_q(args[0])
+            self.vision_capture["features"] = x.reshape(-1, x.shape[-1] * self.unit**2)
+
+    def prepare_vision(self, embeds: torch.Tensor) -> None:
+        """Match this prefill's images to the images of the last tower run by their features."""
+        needs = any(r.kind.startswith("vision_") for r in self.runtime.signals)
+        if not needs and self.call.inputs.get("image_grid_thw") is not None:
+            return
+        cap = self.vision_capture
+        if not cap or "tokens" not in cap:
+            raise SignalError("the vision tower did not run on these images while patched; pass pixel_values "
+                              "(with image_grid_thw) to the patched model")
+        d = embeds.shape[-1]
+        flat = embeds.reshape(-1, d)
+        theirs = [fingerprint(t[None]) for t in cap["tokens"]]
+        rows = []
+        for sample, start, n in self.call.images:
+            mine = fingerprint(flat[sample * embeds.shape[1] + start: sample * embeds.shape[1] + start + n][None])
+            match = [i for i, (t, fp) in enumerate(zip(cap["tokens"], theirs))
+                     if t.shape[0] == n and bool(((mine - fp.to(mine.device)).abs() <= 1e-6 * (fp.abs() + 1)).all())]
+            if not match:
+                raise SignalError("the images of this call do not match the last vision-tower run; pass pixel_values")
+            rows.append(match[0])
+        self._vision_rows = torch.tensor(rows)
+
+    def _unit_order(self) -> list[torch.Tensor]:
+        """Per captured image, the raster index of each merge unit in the tower's sequence order."""
+        cap = self.vision_capture
+        sizes = [h * w for h, w in cap["grids"]]
+        if self.family == "qwen2_vl":
+            return [torch.arange(n) for n in sizes]
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.visual()
+        window_index, _ = get_vision_window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        out, off = [], 0
+        for n in sizes:
+            out.append(window_index[off:off + n].cpu() - off)
+            off += n
+        return out
+
+    def _window_lengths(self) -> list[list[int]] | None:
+        """Qwen2.5-VL: per captured image, the lengths (patches) of its attention windows; else None."""
+        cap = self.vision_capture or {}
+        if self.family != "qwen2_5_vl" or "thw" not in cap:
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.visual()
+        _, cu = get_vision_window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
+                                        window_size=visual.window_size, patch_size=visual.patch_size)
+        unit = self.unit**2
+        return _window_sizes(torch.as_tensor(cu), [h * w * unit for h, w in cap["grids"]])
+
+    def vision_signal(self, req: SignalRequest) -> torch.Tensor:
+        cap = self.vision_capture or {}
+        rows = self._vision_rows
+        if rows is None:
+            raise SignalError(f"{req} was not captured in this forward")
+        sizes = [h * w for h, w in cap["grids"]]
+        order = self._unit_order()
+        per_image: list[torch.Tensor] = []
+        unit = self.unit**2
+        if req.kind == "vision_features":
+            feats = torch.split(cap["features"], sizes)
+            per_image = [_to_raster(f, o) for f, o in zip(feats, order)]
+        else:
+            layer = self.vision_layer(req.layer)
+            qkv, rope = cap.get(f"qkv{layer}"), cap.get(f"rope{layer}")
+            if qkv is None:
+                raise SignalError(f"vision block {layer} was not captured (asked: {req})")
+            attn = self.visual().blocks[layer].attn
+            heads = attn.num_heads
+            q, k, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).unbind(1)
+            apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            q, k = apply(q, k, *rope)
+            off = 0
+            for n, o in zip(sizes, order):
+                qi, ki = q[off * unit:(off + n) * unit], k[off * unit:(off + n) * unit]
+                if req.kind == "vision_attention":  # no CLS: "cls" falls back to the mean over all queries
+                    score = received_attention(qi.reshape(1, n * unit, -1), ki.reshape(1, n * unit, -1), heads,
+                                               attn.scaling, "all")[0]
+                    per_image.append(_to_raster(score.view(n, unit).mean(1), o))
+                elif req.kind == "vision_keys":
+                    per_image.append(_to_raster(ki.mean(1).view(n, unit, -1).mean(1), o))
+                else:
+                    raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
+                off += n
+        chosen = [per_image[i] for i in rows.tolist()]
+        n_max = max(x.shape[0] for x in chosen)
+        out = chosen[0].new_zeros(len(chosen), n_max, *chosen[0].shape[1:])
+        for i, x in enumerate(chosen):
+            out[i, : x.shape[0]] = x
+        return out
+
+    def projector(self):
+        return self.visual().merger.mlp
+
+    # --- FLOPs ----------------------------------------------------------------------------------------
+    def vision_flops(self) -> tuple[int, int]:
+        visual = self.visual()
+        cap = self.vision_capture or {}
+        grids = cap.get("grids", [])
+        cfg = self.model.config.vision_config
+        blk = visual.blocks[0]
+        d = blk.norm1.weight.shape[0]
+        mlp = blk.mlp
+        gated = hasattr(mlp, "gate_proj")
+        width = mlp.gate_proj.out_features if gated else mlp.fc1.out_features
+        spec = TransformerSpec(d=d, heads=blk.attn.num_heads, kv_heads=blk.attn.num_heads,
+                               head_dim=d // blk.attn.num_heads, mlp=width, mlp_mats=3 if gated else 2,
+                               layers=len(visual.blocks))
+        unit = self.unit**2
+        patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        windows = self._window_lengths()
+        full = set(getattr(visual, "fullatt_block_indexes", range(spec.layers)))
+        a = spec.attn_width
+        tower = proj = 0
+        for i, (h, w) in enumerate(grids):
+            n = h * w * unit
+            tower += 2 * n * patch_in * d + stack_flops(spec, [n] * spec.layers)
+            if windows is not None:  # Qwen2.5-VL: windowed blocks attend within windows only
+                windowed = spec.layers - len(full & set(range(spec.layers)))
+                tower -= windowed * (4 * n * n * a - sum(4 * x * x * a for x in windows[i]))
+            hid = visual.merger.hidden_size
+            proj += linear_flops(h * w, [(hid, hid), (hid, visual.merger.mlp[-1].out_features)])
+        return tower, proj
+
+
+def _window_sizes(cu: torch.Tensor, sizes: list[int]) -> list[list[int]]:
+    """Split the global window boundaries into per-image lists of window lengths (in patches)."""
+    lengths = [x for x in (cu[1:] - cu[:-1]).tolist() if x > 0]
+    out, k = [], 0
+    for n in sizes:
+        acc, mine = 0, []
+        while acc < n and k < len(lengths):
+            mine.append(lengths[k])
+            acc += lengths[k]
+            k += 1
+        out.append(mine)
+    return out
+
+
+def _to_raster(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows in the tower's unit order -> raster order."""
+    out = torch.empty_like(x)
+    out[order.to(x.device)] = x
+    return out
