@@ -153,6 +153,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown bench target {args.target!r}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vtoken.eval import sweep
+
+    try:
+        spec = sweep.load_spec(args.spec)
+        configs = sweep.expand(spec)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"bad sweep file {args.spec}: {e}") from None
+    out = args.out or spec.get("out", "runs/sweep.jsonl")
+    new = sweep.run_sweep(spec, out, args.executor)
+    print(f"{len(configs)} configs, {len(new)} run now, results in {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vtoken.eval import plots
+
+    try:
+        records = plots.load(args.results)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {args.results}: {e}") from None
+    out = plots.plot(records, args.out or str(Path(args.results).with_suffix(".png")))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from vtoken.eval import models, viz
+
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except OSError as e:
+        raise UsageError(f"cannot open image {args.image}: {e}") from None
+    model, proc, _ = models.load(args.model or models.default_model(), device=args.device)
+    reducers = []
+    for name in args.reducer or ["random", "fastv", "tome"]:
+        reducers.append((name, {"keep": args.keep} if args.keep is not None else {}))
+    try:
+        panels = viz.visualize(model, proc, image, reducers, args.question)
+    except Exception as e:  # a reducer that cannot run on this model: say which, no traceback
+        raise UsageError(str(e)) from None
+    viz.compose(panels).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtoken", description="Visual token reduction for VLMs.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -192,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeat", type=int, default=10)
     bn.add_argument("--out", help="append JSONL records here (and write a .md table beside it)")
     bn.set_defaults(func=cmd_bench)
+    sw = sub.add_parser("sweep", help="run a grid of configs from a YAML file (resumable)")
+    sw.add_argument("spec", help="sweep YAML (see vtoken.eval.sweep)")
+    sw.add_argument("--out", help="JSONL results file (default: the file's `out`)")
+    sw.add_argument("--executor", choices=["local", "ray"], help="override the file's executor")
+    sw.set_defaults(func=cmd_sweep)
+    pl = sub.add_parser("plot", help="accuracy vs FLOPs, per-category and per-layer plots from a JSONL")
+    pl.add_argument("results")
+    pl.add_argument("-o", "--out", help="PNG file (default: beside the JSONL)")
+    pl.set_defaults(func=cmd_plot)
+    vz = sub.add_parser("viz", help="draw the tokens each reducer keeps / merges on an image")
+    vz.add_argument("image")
+    vz.add_argument("--model", help="model directory or tiny-llava-shapes (default: the shipped model)")
+    vz.add_argument("--reducer", action="append", help="reducer name (repeatable; default random, fastv, tome)")
+    vz.add_argument("--keep", type=_value, help="budget for every reducer")
+    vz.add_argument("--question", default="what is in the image?")
+    vz.add_argument("--device", default="cpu")
+    vz.add_argument("-o", "--out", default="viz.png")
+    vz.set_defaults(func=cmd_viz)
     return ap
 
 

@@ -89,6 +89,7 @@ def evaluate(
     name = reducer if isinstance(reducer, str) else getattr(reducer, "name", str(reducer))
     correct: dict[str, list[bool]] = defaultdict(list)
     tokens: list[int] = []
+    per_layer: list[list[int]] = []  # per LLM layer, visual tokens of every sample
     flops: dict[str, float] = defaultdict(float)
     overhead = 0.0
     n = 0
@@ -107,6 +108,10 @@ def evaluate(
                 correct[c].append(p.strip() == a)
             st = patch.stats
             tokens += st.visual_tokens
+            for i, layer in enumerate(st.visual_per_layer):
+                if i == len(per_layer):
+                    per_layer.append([])
+                per_layer[i] += layer
             for k, v in st.flops.items():
                 flops[k] += v
             overhead += st.overhead_s
@@ -121,6 +126,7 @@ def evaluate(
             "per_category": {c: sum(v) / len(v) for c in CATEGORIES if (v := correct.get(c))},
             "visual_tokens": {"mean": statistics.fmean(tokens) if tokens else 0.0,
                               "min": min(tokens, default=0), "max": max(tokens, default=0)},
+            "visual_tokens_per_layer": [statistics.fmean(x) if x else 0.0 for x in per_layer],
             "flops_per_sample": {k: v / max(n, 1) for k, v in flops.items()},
             "ttft_ms": ttft,
             "decode_tokens_per_s": tps,
