@@ -81,6 +81,7 @@ class Call:
     seg_layer: int = -1
     captures: dict[int, dict[str, Any]] = field(default_factory=dict)
     labels: torch.Tensor | None = None
+    prompt_end: torch.Tensor | None = None  # (B,) set from labels: where the scored continuation starts
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     logits_to_keep: int | torch.Tensor | None = None
     return_dict: bool = True
@@ -271,6 +272,10 @@ class HFVisionLanguageAdapter(Adapter):
         if inputs.get("labels") is not None:
             call.labels = inputs.pop("labels")
             call.loss_kwargs = {k: inputs[k] for k in ("num_items_in_batch",) if k in inputs}
+            # scoring: the first scored label starts the continuation, which must not steer the reduction
+            scored = call.labels != -100
+            pos = torch.arange(scored.shape[1], device=scored.device).expand_as(scored)
+            call.prompt_end = torch.where(scored, pos, scored.shape[1]).amin(1)
         ltk = inputs.get("logits_to_keep", 0)
         if not (isinstance(ltk, int) and ltk in (0, 1)):
             call.logits_to_keep = ltk
@@ -604,7 +609,7 @@ class HFVisionLanguageAdapter(Adapter):
 
     def _prompt_rows(self, layout: Layout) -> torch.Tensor:
         """(B, L) real rows that belong to the prompt (see `Patch.prompt`): only these shape signals."""
-        end = self.runtime.prompt_end
+        end = self.runtime.prompt_end if self.runtime.prompt_end is not None else self.call.prompt_end
         if end is None:
             return layout.valid
         end_t = torch.as_tensor(end, device=layout.valid.device).expand(layout.shape[0])

@@ -201,6 +201,56 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_shapes(args: argparse.Namespace) -> int:
+    from vtoken.eval.lmms import export_task
+
+    out = export_task(args.out, args.limit, args.seed)
+    print(f"wrote the lmms-eval task vtoken_shapes ({args.limit} questions) to {out}; "
+          f"use: lmms-eval --include_path {out} --tasks vtoken_shapes ...")
+    return 0
+
+
+LMMS_TASK_DIR = Path.home() / ".cache" / "vtoken" / "lmms_tasks" / "vtoken_shapes"
+
+
+def cmd_lmms(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run lmms-eval with `--model vtoken` and offline defaults, then check that results were written."""
+    import os
+    import subprocess
+
+    from vtoken.eval.lmms import export_task, find_results
+
+    argv = list(rest)
+
+    def has(flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    if not has("--model"):
+        argv += ["--model", "vtoken"]
+    if not has("--tasks"):
+        argv += ["--tasks", "vtoken_shapes"]
+    tasks = argv[argv.index("--tasks") + 1] if "--tasks" in argv else ""
+    if "vtoken_shapes" in tasks and not has("--include_path"):
+        if not (LMMS_TASK_DIR / "data" / "test.parquet").exists():
+            export_task(LMMS_TASK_DIR, limit=args.shapes_limit)
+        argv += ["--include_path", str(LMMS_TASK_DIR)]
+    if not has("--device"):
+        argv += ["--device", "cpu"]
+    if not has("--output_path"):
+        argv += ["--output_path", "runs/lmms"]
+    out = argv[argv.index("--output_path") + 1]
+    before = find_results(out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    print("lmms-eval " + " ".join(argv))
+    code = subprocess.run([sys.executable, "-m", "lmms_eval", *argv], env=env).returncode
+    after = find_results(out)
+    if code != 0 or after is None or after == before:  # lmms-eval exits 0 even when evaluation failed
+        print("vtoken: error: lmms-eval wrote no results (see its output above)", file=sys.stderr)
+        return 1
+    print(f"results: {after}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtoken", description="Visual token reduction for VLMs.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -258,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--device", default="cpu")
     vz.add_argument("-o", "--out", default="viz.png")
     vz.set_defaults(func=cmd_viz)
+    ex = sub.add_parser("export-shapes", help="write the Shapes benchmark as an offline lmms-eval task")
+    ex.add_argument("--out", required=True, help="task directory to create")
+    ex.add_argument("--limit", type=int, default=200)
+    ex.add_argument("--seed", type=int, default=0)
+    ex.set_defaults(func=cmd_export_shapes)
+    lm = sub.add_parser("lmms", help="lmms-eval with --model vtoken and offline defaults (other args pass through)")
+    lm.add_argument("--shapes-limit", type=int, default=200, help="questions in the exported vtoken_shapes task")
+    lm.set_defaults(func=cmd_lmms, passthrough=True)
     return ap
 
 
@@ -265,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["run"]
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits 2
     try:
+        if getattr(args, "passthrough", False):
+            return args.func(args, rest)
         return args.func(args)
     except UsageError as e:
         print(f"vtoken: error: {e}", file=sys.stderr)

@@ -28,10 +28,12 @@ from vtoken.eval.shapes import SIZE, vocabulary
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
 PROMPT = "USER: <image> {question} ASSISTANT:"
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # "USER: <image> question ASSISTANT:" (content as a string or a list of parts)
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    " ASSISTANT:{% else %} {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} ASSISTANT:"
+    "{% else %} {% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{{ c['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
 )
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY = "tiny-llava-shapes"

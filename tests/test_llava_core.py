@@ -457,3 +457,23 @@ def test_bf16_runs_and_keeps_cache_consistency():
     assert torch.isfinite(steps).all()
     # bf16 kernels differ between cached and full passes; compare the distributions loosely
     torch.testing.assert_close(full[:, prompt_len - 1:].float().softmax(-1), steps.softmax(-1), atol=0.05, rtol=0)
+
+
+def test_labels_keep_the_continuation_out_of_the_reduction(llava):
+    """Scoring with labels (-100 on the context) reduces exactly as the context alone would."""
+    ids = torch.tensor([make_prompt(1, text=6, seed=9) + [40, 41, 42]])
+    px = pixels(1, seed=9)
+    context = ids.shape[1] - 3
+    labels = ids.clone()
+    labels[:, :context] = -100
+    with vtoken.patch(llava, "fastv", keep=6) as p:
+        scored = run(llava, input_ids=ids, pixel_values=px, labels=labels)
+        kept_scored = p.kept_positions()
+        with p.prompt(context):
+            ref = run(llava, input_ids=ids, pixel_values=px).logits
+            kept_ref = p.kept_positions()
+        run(llava, input_ids=ids, pixel_values=px)
+        kept_plain = p.kept_positions()
+    assert torch.equal(kept_scored[0], kept_ref[0])
+    torch.testing.assert_close(scored.logits, ref)
+    assert not torch.equal(kept_plain[0], kept_ref[0])  # without labels the continuation would steer it
