@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -35,13 +36,17 @@ CHAT_TEMPLATE = (  # "USER: <image> question ASSISTANT:" (content as a string or
     "{% else %} {% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{{ c['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
 )
+QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|><|image_pad|><|vision_end|> ")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY = "tiny-llava-shapes"
+TINY_QWEN = "tiny-qwen2vl-shapes"
+ARCHS = ("llava", "qwen2vl")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(extra: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the Shapes vocabulary (built offline with `tokenizers`)."""
-    words = [*SPECIALS, "USER:", "ASSISTANT:", *vocabulary()]
+    words = [*SPECIALS, *(extra or []), "USER:", "ASSISTANT:", *vocabulary()]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("?", behavior="isolated"),
@@ -51,7 +56,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         padding_side="left", model_input_names=["input_ids", "attention_mask"],
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", *(extra or [])]})
     return fast
 
 
@@ -63,6 +68,42 @@ def build_processor(image_size: int = SIZE, patch_size: int = 14) -> LlavaProces
     return LlavaProcessor(
         image_processor=image, tokenizer=build_tokenizer(), patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_qwen_processor(image_size: int = SIZE) -> Any:
+    """Qwen2-VL processor for Shapes: 336 px -> 24x24 patches -> 144 merged tokens per image."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    pixels = image_size * image_size
+    geometry = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, merge_size=2,
+                    temporal_patch_size=2)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**geometry),
+                            video_processor=Qwen2VLVideoProcessor(**geometry),
+                            tokenizer=build_tokenizer(QWEN_SPECIALS), chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def qwen_config(vocab_size: int, tok: Any, vision: tuple[int, int, int] = (6, 384, 6),
+                llm: tuple[int, int, int, int] = (4, 384, 6, 2)) -> Any:
+    """A Qwen2-VL config: vision (depth, width, heads) with 2x2 merger; Qwen2 LLM (layers, width,
+    heads, kv heads) with M-RoPE."""
+    from transformers import Qwen2VLConfig
+
+    vl, vd, vh = vision
+    ll, ld, lh, lkv = llm
+    half = ld // lh // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    return Qwen2VLConfig(
+        text_config=dict(hidden_size=ld, intermediate_size=4 * ld, num_hidden_layers=ll, num_attention_heads=lh,
+                         num_key_value_heads=lkv, vocab_size=vocab_size, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
+        vision_config=dict(depth=vl, embed_dim=vd, hidden_size=ld, num_heads=vh, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
     )
 
 
@@ -92,6 +133,16 @@ def tiny_shapes_model(seed: int = 0) -> tuple[LlavaForConditionalGeneration, Lla
     return LlavaForConditionalGeneration(cfg).eval(), proc
 
 
+def tiny_qwen_shapes_model(seed: int = 0) -> tuple[Any, Any]:
+    """Randomly initialised Shapes-geometry Qwen2-VL (small widths), for smoke runs and tests."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    proc = build_qwen_processor()
+    cfg = qwen_config(len(proc.tokenizer), proc.tokenizer, vision=(2, 64, 4), llm=(4, 64, 4, 2))
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(cfg).eval(), proc
+
+
 def default_model() -> str:
     """The shipped trained model if present, else the random tiny one."""
     path = ASSETS / "llava-shapes"
@@ -101,16 +152,23 @@ def default_model() -> str:
 def load(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
          attn: str = "sdpa") -> tuple[Any, Any, dict[str, Any]]:
     """(model, processor, info) for a model directory or the name `tiny-llava-shapes`."""
-    if ref == TINY:
-        model, proc = tiny_shapes_model()
-        info = {"model": TINY, "trained": False}
+    if ref in (TINY, TINY_QWEN):
+        model, proc = tiny_shapes_model() if ref == TINY else tiny_qwen_shapes_model()
+        info = {"model": ref, "trained": False}
     else:
         path = Path(ref)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no model at {ref!r} (expected a directory with config.json, or '{TINY}')")
-        model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+            raise FileNotFoundError(
+                f"no model at {ref!r} (expected a directory with config.json, or '{TINY}' / '{TINY_QWEN}')")
+        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, dtype=dtype)
         proc = AutoProcessor.from_pretrained(path)
         meta = path / "vtoken.json"
         info = {"model": str(path), "trained": True, **(json.loads(meta.read_text()) if meta.exists() else {})}
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
     return model.to(device=device, dtype=dtype).eval(), proc, info
+
+
+def prompt_text(processor: Any, question: str) -> str:
+    """The model's prompt for one Shapes question (its chat template with one image)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import vtoken
-from vtoken.eval.models import PROMPT
+from vtoken.eval.models import prompt_text
 from vtoken.eval.shapes import CATEGORIES, ShapesVQA
 
 TASKS = ("shapes",)
@@ -50,7 +50,7 @@ def make_batches(processor: Any, task: str = "shapes", limit: int = 200, batch_s
         items = [ds[j] for j in range(i, min(limit, i + batch_size))]
         inputs = processor(
             images=[Image.fromarray(s.image) for s in items],
-            text=[PROMPT.format(question=s.question) for s in items],
+            text=[prompt_text(processor, s.question) for s in items],
             return_tensors="pt", padding=True,
         )
         out.append(Batch(dict(inputs), [s.answer for s in items], [s.category for s in items]))

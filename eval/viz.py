@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import vtoken
-from vtoken.eval.models import PROMPT
+from vtoken.eval.models import prompt_text
 
 DIM = 0.25  # brightness of dropped patches
 
@@ -62,11 +62,15 @@ def draw(base: Image.Image, grid: tuple[int, int], kept: list[int], groups: list
 @torch.no_grad()
 def visualize(model: Any, processor: Any, image: Image.Image, reducers: list[tuple[str, dict[str, Any]]],
               question: str = "what is in the image?") -> list[Panel]:
-    inputs = processor(images=[image], text=[PROMPT.format(question=question)], return_tensors="pt")
+    inputs = processor(images=[image], text=[prompt_text(processor, question)], return_tensors="pt")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
-    base = model_image(inputs["pixel_values"], processor)
+    if inputs["pixel_values"].dim() == 4:
+        base = model_image(inputs["pixel_values"], processor)
+    else:  # packed patches (Qwen2-VL): the resized image, 28 px per merged token
+        _t, h, w = inputs["image_grid_thw"][0].tolist()
+        base = image.convert("RGB").resize((w * 14, h * 14), Image.BICUBIC)
     panels = [Panel("input", base, [], None)]
     for name, params in reducers:
         with vtoken.patch(model, name, **params) as p:

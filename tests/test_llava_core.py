@@ -461,7 +461,7 @@ def test_bf16_runs_and_keeps_cache_consistency():
 
 def test_labels_keep_the_continuation_out_of_the_reduction(llava):
     """Scoring with labels (-100 on the context) reduces exactly as the context alone would."""
-    ids = torch.tensor([make_prompt(1, text=6, seed=9) + [40, 41, 42]])
+    ids = torch.tensor([[*make_prompt(1, text=6, seed=9), 40, 41, 42]])
     px = pixels(1, seed=9)
     context = ids.shape[1] - 3
     labels = ids.clone()

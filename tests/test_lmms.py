@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from vtoken.eval.lmms import export_task, find_results  # noqa: E402
-from vtoken.eval.models import tiny_shapes_model  # noqa: E402
+from vtoken.eval.lmms import export_task, find_results
+from vtoken.eval.models import tiny_shapes_model
 
 
 @pytest.fixture(scope="module")
