@@ -1,7 +1,8 @@
 """vtoken.adapters: one module per model family. Importing this package registers every adapter."""
 
 from vtoken.adapters.llava import LlavaAdapter
+from vtoken.adapters.llava_next import LlavaNextAdapter
 from vtoken.adapters.qwen import QwenVLAdapter
 from vtoken.adapters.vit import OpenClipAdapter, TimmViTAdapter
 
-__all__ = ["LlavaAdapter", "OpenClipAdapter", "QwenVLAdapter", "TimmViTAdapter"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "OpenClipAdapter", "QwenVLAdapter", "TimmViTAdapter"]

@@ -371,7 +371,7 @@ class HFVisionLanguageAdapter(Adapter):
             return None
         res = run_point(rt.boundary, layout, embeds, call.spans, self._signal, rt.timer,
                         project=self.projector())
-        res.layout.entry = list(res.layout.counts)
+        res.layout.entry = [c - s.pinned for c, s in zip(res.layout.counts, call.spans)]
         call.layout = res.layout
         if not res.changed:
             return None

@@ -221,14 +221,18 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         self._vision_rows = close.float().argmax(1)
 
     def vision_signal(self, req: SignalRequest) -> torch.Tensor:
-        cap = self.vision_capture or {}
         rows = self._vision_rows
         if rows is None:
             raise SignalError(f"{req} was not captured in this forward")
+        return self.tower_signal(req, rows)
+
+    def tower_signal(self, req: SignalRequest, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The signal per image of the last tower run (raster order, CLS dropped), for `rows` of them."""
+        cap = self.vision_capture or {}
         if req.kind == "vision_features":
-            return cap["features"][rows]
+            return cap["features"] if rows is None else cap["features"][rows]
         if req.kind == "encoder_groups":
-            return cap["groups"][rows]
+            return cap["groups"] if rows is None else cap["groups"][rows]
         if self.merger is not None:
             raise SignalError(f"{req.kind} is not available after encoder merging (the tower's attention "
                               "maps cover merged tokens); apply attention-guided reducers without it")
@@ -236,13 +240,14 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         q, k = cap.get(f"q_proj{layer}"), cap.get(f"k_proj{layer}")
         if q is None or k is None:
             raise SignalError(f"vision layer {layer} was not captured (asked: {req})")
-        q, k = q[rows], k[rows]
+        if rows is not None:
+            q, k = q[rows], k[rows]
         attn = self.vision_tower().encoder.layers[layer].self_attn
         if req.kind == "vision_attention":
             return received_attention(q, k, attn.num_heads, attn.scale, req.query)[:, 1:]
         if req.kind == "vision_keys":
             return k.view(*k.shape[:2], attn.num_heads, -1).mean(2)[:, 1:]
-        raise SignalError(f"the llava adapter does not provide signal {req.kind!r}")
+        raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
 
     def projector(self):
         return self.model.model.multi_modal_projector

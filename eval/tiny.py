@@ -115,3 +115,62 @@ def qwen_inputs(samples: list[list[tuple[int, int]]], text: int = 4, seed: int =
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(grids)
     return out
+
+
+def tiny_llava_next(seed: int = 0, attn: str = "sdpa", llm_layers: int = 4, dtype: torch.dtype = torch.float32):
+    """A LLaVA-NeXT-shaped model (AnyRes 56-px crops of 4x4 patches, image_newline) for tests."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                             image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.to(dtype)
+
+
+def next_inputs(model, samples: list[list[tuple[int, int]]], text: int = 4, seed: int = 0):
+    """Left-padded inputs for tiny_llava_next: per sample a list of image sizes (h, w) in pixels."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = [s for imgs in samples for s in imgs]
+    tile = model.config.vision_config.image_size
+    crops = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, tile) for s in sizes]
+    pixels = torch.zeros(len(sizes), max(crops, default=1), 3, tile, tile)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, tile, tile, generator=g)
+    lengths = []
+    if sizes:
+        with torch.no_grad():
+            packed = model.model.get_image_features(pixels, torch.tensor(sizes)).pooler_output
+        lengths = [p.shape[0] for p in packed]
+    seqs, k = [], 0
+    for imgs in samples:
+        ids = [1]
+        for _ in imgs:
+            ids += torch.randint(10, 120, (2,), generator=g).tolist() + [IMAGE_TOKEN] * lengths[k]
+            k += 1
+        ids += torch.randint(10, 120, (text,), generator=g).tolist()
+        seqs.append(ids)
+    length = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, length - len(s):] = torch.tensor(s)
+        mask[i, length - len(s):] = 1
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if sizes:
+        out["pixel_values"] = pixels
+        out["image_sizes"] = torch.tensor(sizes)
+    return out

@@ -19,15 +19,31 @@ import torch
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """One image's run of placeholder tokens in the original sequence."""
+    """One image's (or sub-image's) run of placeholder tokens in the original sequence.
+
+    grid:   (rows, cols) of the tokens a reducer may select, in raster order.
+    length: placeholder tokens in the run (default rows * cols). Extra tokens are *pinned*: visual
+            tokens that are always kept and never offered to reducers (LLaVA-NeXT's row-end
+            `image_newline` tokens).
+    inner:  with pinned tokens, the grid index of each run position (-1 for a pinned one).
+    share:  the share of an int budget this span gets (LLaVA-NeXT: base image vs crops).
+    """
 
     sample: int
     start: int
     grid: tuple[int, int]
+    length: int | None = None
+    inner: tuple[int, ...] | None = None
+    share: float = 1.0
 
     @property
     def n(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """Placeholder tokens in the run."""
+        return self.length if self.length is not None else self.grid[0] * self.grid[1]
+
+    @property
+    def pinned(self) -> int:
+        return self.n - self.grid[0] * self.grid[1]
 
 
 @dataclass
@@ -39,10 +55,10 @@ class Layout:
     image: torch.Tensor  # long: global image id of visual rows, -1 elsewhere
     size: torch.Tensor  # float: original tokens the row stands for (1 unless merged)
     lengths: list[int]  # host: valid rows per sample
-    counts: list[int]  # host: visual rows per image
+    counts: list[int]  # host: visual rows per image (pinned ones included)
     orig_len: int
     right_align: bool  # padding rows at the start of each row
-    entry: list[int] | None = None  # host: visual rows per image when entering the LLM (after boundary)
+    entry: list[int] | None = None  # host: selectable visual rows per image entering the LLM (after boundary)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,7 +85,7 @@ class Layout:
             counts=[s.n for s in spans],
             orig_len=length,
             right_align=right_align,
-            entry=[s.n for s in spans],
+            entry=[s.n - s.pinned for s in spans],
         )
 
 

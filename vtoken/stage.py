@@ -56,16 +56,24 @@ def run_point(
     changed = False
     starts = torch.tensor([s.start for s in spans], device=device, dtype=torch.long)
     sample_of = [s.sample for s in spans]
+    pinned = [s.pinned for s in spans]
+    inner = _inner_table(spans, device)
     for reducer in reducers:
         if not layout.counts or max(layout.counts) == 0:
             break
         with timer:
-            entry = layout.entry or layout.counts
-            keep = [reducer.budget(n, layer, e) for n, e in zip(layout.counts, entry)]
+            selectable = [c - p for c, p in zip(layout.counts, pinned)]
+            entry = layout.entry or selectable
+            keep = [reducer.budget(n, layer, e, s.share) if n > 0 else 0
+                    for n, e, s in zip(selectable, entry, spans)]
             flat, valid = image_rows(layout)
             d = hidden.shape[-1]
             flat_hidden = hidden.reshape(b * length, d)
             positions = layout.index.reshape(-1)[flat] - starts[:, None]
+            if inner is not None:  # pinned tokens: not selectable, grid positions of the others
+                positions = inner.gather(1, positions.clamp(0, inner.shape[1] - 1))
+                valid = valid & (positions >= 0)
+                positions = positions.clamp_min(0)
             aligned = _aligner(signal, layout, flat, positions, valid, reducer.name)
             x = StageInput(
                 features=flat_hidden[flat],
@@ -99,11 +107,11 @@ def run_point(
                 size = s[:-1].view(b, length)
             lengths = list(layout.lengths)
             for i, k in enumerate(keep):
-                lengths[sample_of[i]] -= layout.counts[i] - k
+                lengths[sample_of[i]] -= selectable[i] - k
             if not reducer.__module__.startswith("vtoken.") or reducer.adaptive:
                 _check_counts(reducer, sel.keep & valid, keep)
             comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
-            comp.layout.counts = keep
+            comp.layout.counts = [k + p for k, p in zip(keep, pinned)]
             if not comp.changed:
                 layout = comp.layout
                 continue
@@ -121,6 +129,17 @@ def run_point(
             length = comp.layout.shape[1]
             layout = comp.layout
     return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed)
+
+
+def _inner_table(spans: list[ImageSpan], device: torch.device) -> torch.Tensor | None:
+    """(n_img, max length) grid index of each run position (-1 pinned), or None if nothing is pinned."""
+    if not any(s.inner is not None for s in spans):
+        return None
+    width = max(s.n for s in spans)
+    table = torch.full((len(spans), width), -1, dtype=torch.long)
+    for i, s in enumerate(spans):
+        table[i, : s.n] = torch.tensor(s.inner) if s.inner is not None else torch.arange(s.n)
+    return table.to(device)
 
 
 def _aligner(signal: SignalSource | None, layout: Layout, flat: torch.Tensor, positions: torch.Tensor,

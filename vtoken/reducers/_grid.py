@@ -11,7 +11,7 @@ from vtoken.reducers.base import StageInput
 
 
 def require_full_grid(x: StageInput, name: str) -> None:
-    """Raise unless every image still has its whole grid, in raster order (nothing reduced before)."""
+    """Raise unless every image still has its whole grid (nothing reduced before)."""
     for (h, w), n in zip(x.grids, x.valid.sum(1).tolist()):
         if n != h * w:
             raise ParameterError(
@@ -26,3 +26,22 @@ def by_grid(x: StageInput) -> dict[tuple[int, int], torch.Tensor]:
     for i, g in enumerate(x.grids):
         groups[g].append(i)
     return {g: torch.tensor(ids, device=x.features.device) for g, ids in groups.items()}
+
+
+def to_grid(x: StageInput, values: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+    """Slot-aligned values (n_img, N, ...) -> grid-aligned (n_img, G, ...) with G = max rows * cols,
+    placing each selectable token at its raster position (pinned / padded slots are left out)."""
+    g = max(h * w for h, w in x.grids)
+    out = torch.full((values.shape[0], g + 1, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
+    idx = torch.where(x.valid, x.positions, g)
+    view = idx.view(*idx.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    out.scatter_(1, view, values)
+    return out[:, :g]
+
+
+def from_grid(x: StageInput, grid: torch.Tensor, fill: float | bool = 0) -> torch.Tensor:
+    """Grid-aligned values (n_img, G, ...) -> slot-aligned (n_img, N, ...) (fill on pinned / padded slots)."""
+    pad = torch.cat([grid, torch.full_like(grid[:, :1], fill)], 1)
+    idx = torch.where(x.valid, x.positions.clamp_max(grid.shape[1] - 1), grid.shape[1])
+    view = idx.view(*idx.shape, *([1] * (grid.dim() - 2))).expand(*idx.shape, *grid.shape[2:])
+    return pad.gather(1, view)

@@ -164,12 +164,13 @@ class Reducer:
         """The reducers this one installs as (a method acting in several stages returns one per stage)."""
         return [self]
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
         """Tokens to keep for an image that has `n` tokens when it reaches this reducer (at `layer`);
-        `entry` is how many it had when entering the LLM (schedules relative to that use it)."""
+        `entry` is how many it had when entering the LLM (schedules relative to that use it); `share`
+        is the part of an int budget this (sub-)image gets (LLaVA-NeXT splits it over base and crops)."""
         if self.keep is None:
             raise ParameterError(f"{self.name}: no budget given; pass keep=<int tokens or float fraction>")
-        return resolve_keep(self.keep, n)
+        return resolve_keep(scaled(self.keep, share), n)
 
     # --- what the reducer computes -------------------------------------------------------------
     def select(self, x: StageInput) -> Selection:
@@ -183,6 +184,13 @@ class Reducer:
         layers = ",".join(map(str, self.layers))
         where = f"{self.stage}" + (f" @ LLM layer {layers}" if layers else "")
         return f"{self.name}({params}) [{where}]"
+
+
+def scaled(keep: Keep, share: float) -> Keep:
+    """An int budget scaled by a share (at least 1 token); fractions are unchanged."""
+    if isinstance(keep, int) and not isinstance(keep, bool) and share != 1.0:
+        return max(1, round(keep * share))
+    return keep
 
 
 def build(cls: type[Reducer], params: dict[str, Any]) -> Reducer:

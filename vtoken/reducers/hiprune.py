@@ -9,7 +9,7 @@ import torch
 
 from vtoken.errors import ParameterError
 from vtoken.ops.select import topk_mask
-from vtoken.reducers._grid import by_grid, require_full_grid
+from vtoken.reducers._grid import by_grid, from_grid, require_full_grid, to_grid
 from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
 from vtoken.registry import register
 
@@ -92,10 +92,11 @@ class HiPrune(Reducer):
         s_obj = x.signal(obj_req).float()
         s_deep = x.signal(deep_req).float()
         n_anchor = torch.tensor([round(k * self.alpha / 5) for k in x.keep], device=s_obj.device)
-        anchors = topk_mask(s_obj, n_anchor, x.valid)
+        anchors = to_grid(x, topk_mask(s_obj, n_anchor, x.valid), False)  # raster order of each grid
         union = anchors.clone()
         for (rows, cols), ids in by_grid(x).items():
             union[ids, : rows * cols] |= neighbours(anchors[ids, : rows * cols], rows, cols, self.wrap)
+        union = from_grid(x, union, False)
         # anchors and buffers first (by object-layer importance), then registers by deep importance
         priority = torch.where(union, 2.0 + s_obj, s_deep)
         return Selection(keep=topk_mask(priority, x.keep_tensor(), x.valid))

@@ -54,7 +54,7 @@ class EncoderMerge(Reducer):
         self._tokens = info.vision_tokens
         self._prefix = info.prefix_tokens
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
         return n  # encoder merging sets the count; boundary/decoder budgets apply to what it leaves
 
     def plan(self, layer: int, metric: torch.Tensor, counts: list[int]) -> MergePlan | None:

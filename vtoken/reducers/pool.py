@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
-from vtoken.errors import BudgetError, ParameterError
 from vtoken.ops.select import grid_factor
+from vtoken.reducers._grid import from_grid, require_full_grid, to_grid
 from vtoken.reducers.base import Reducer, Selection, Stage, StageInput
 from vtoken.registry import register
 
@@ -21,42 +20,52 @@ class Pool(Reducer):
     """Average-pool the visual grid (boundary stage, on the tokens that enter the LLM).
 
     `keep` tokens are laid out as an (h', w') grid with h' * w' == keep and the aspect closest to the
-    image's grid (576 -> 64 is 8x8 on LLaVA-1.5's 24x24); windows follow
-    `torch.nn.functional.adaptive_avg_pool2d` (they overlap by one row/column when the grid does not
-    divide evenly). Each pooled token sits at the position id of its window's first (top-left)
-    token and carries the window area as its size.
+    image's grid (576 -> 64 is 8x8 on LLaVA-1.5's 24x24), windows as in
+    `torch.nn.functional.adaptive_avg_pool2d`. When no such factor pair fits (a prime budget, or an
+    odd dynamic-resolution grid), the grid is cut into h' row bands whose tokens are split over the
+    columns as evenly as possible (bands of w' or w' + 1 windows), still exactly `keep` tokens.
+    Each pooled token sits at the position id of its window's first (top-left) token and carries the
+    window area as its size.
     """
 
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 64
 
     def select(self, x: StageInput) -> Selection:
-        n = x.features.shape[1]
-        keep = torch.zeros_like(x.valid)
-        values = x.features.clone()
-        sizes = x.sizes.clone()
-        # Images are grouped by grid shape so each group is pooled in one batched call.
+        require_full_grid(x, self.name)
+        feats = to_grid(x, x.features)  # (n_img, G, d) in raster order of each image's grid
+        keep = torch.zeros(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        values = feats.clone()
+        sizes = torch.zeros(feats.shape[:2], dtype=x.sizes.dtype, device=feats.device)
         groups: dict[tuple[tuple[int, int], int], list[int]] = {}
         for i, (grid, k) in enumerate(zip(x.grids, x.keep)):
             groups.setdefault((grid, k), []).append(i)
-        for ((rows, cols), k), members in groups.items():
-            if rows * cols > n:
-                raise ParameterError("pool needs the full grid of each image; apply it before other reducers")
-            try:
-                h, w = grid_factor(k, rows, cols)
-            except ValueError as e:
-                raise BudgetError(f"pool: {e}; choose a keep with a factor pair close to {rows}x{cols}") from e
-            ids = torch.tensor(members, device=x.features.device)
-            grid = rearrange(x.features[ids, : rows * cols], "m (r c) d -> m d r c", r=rows, c=cols)
-            pooled = F.adaptive_avg_pool2d(grid.float(), (h, w)).to(x.features.dtype)
-            r0 = torch.arange(h) * rows // h
-            c0 = torch.arange(w) * cols // w
-            r1 = -((-(torch.arange(h) + 1) * rows) // h)
-            c1 = -((-(torch.arange(w) + 1) * cols) // w)
-            rep = (r0[:, None] * cols + c0[None, :]).reshape(-1).to(x.features.device)
-            area = ((r1 - r0)[:, None] * (c1 - c0)[None, :]).reshape(-1).to(sizes)
-            rows_idx = ids[:, None].expand(-1, h * w)
-            keep[rows_idx, rep] = True
-            values[rows_idx, rep] = rearrange(pooled, "m d h w -> m (h w) d")
-            sizes[rows_idx, rep] = area
-        return Selection(keep=keep, values=values, sizes=sizes)
+        for ((rows, cols), k), members in groups.items():  # one batched computation per grid and budget
+            ids = torch.tensor(members, device=feats.device)
+            grid = feats[ids, : rows * cols].reshape(len(members), rows, cols, -1)
+            for r0, r1, c0, c1 in windows(k, rows, cols):
+                rep = r0 * cols + c0
+                keep[ids, rep] = True
+                values[ids, rep] = grid[:, r0:r1, c0:c1].float().mean((1, 2)).to(feats.dtype)
+                sizes[ids, rep] = (r1 - r0) * (c1 - c0)
+        return Selection(keep=from_grid(x, keep, False), values=from_grid(x, values),
+                         sizes=from_grid(x, sizes))
+
+
+def windows(k: int, rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+    """The k pooling windows (r0, r1, c0, c1) of a rows x cols grid (see `Pool`)."""
+    try:
+        h, w = grid_factor(k, rows, cols)
+        if max(h / w, w / h) > 2 * max(rows / cols, cols / rows):
+            raise ValueError("too elongated")
+        widths = [w] * h
+    except ValueError:
+        h = max(1, min(rows, k, round(math.sqrt(k * rows / cols))))
+        while -(-k // h) > cols:  # every band needs at most `cols` windows
+            h += 1
+        widths = [k // h + (1 if i < k % h else 0) for i in range(h)]
+    out = []
+    for i, w in enumerate(widths):
+        r0, r1 = i * rows // h, -((-(i + 1) * rows) // h)
+        out += [(r0, r1, j * cols // w, -((-(j + 1) * cols) // w)) for j in range(w)]
+    return out

@@ -106,7 +106,7 @@ class ToDRERelevance(Reducer):
         c = self.layer - 1
         return (SignalRequest("llm_modality_mass", c, "t2v"), SignalRequest("llm_modality_mass", c, "v2t"))
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
         return n  # an upper bound: the count is decided by the attention ratios
 
     def select(self, x: StageInput) -> Selection:

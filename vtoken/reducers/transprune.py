@@ -9,7 +9,7 @@ from typing import ClassVar
 from vtoken.budget import check_keep, resolve_keep
 from vtoken.errors import BudgetError, ParameterError
 from vtoken.ops.select import topk_mask
-from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput, scaled
 from vtoken.registry import register
 
 # Official schedule for 32-layer LLMs (LLaVA-1.5 / NeXT): prune after layers 7, 9, 12 (1-based), i.e.
@@ -87,11 +87,11 @@ class TransPrune(Reducer):
             out += [SignalRequest("llm_attention_pre", layer, "instruction") for layer in self.layers]
         return tuple(out)
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
         sched = dict(self.schedule or _SCHEDULE_32)
         entry = n if entry is None else entry
         if layer == self.layers[-1] and self.keep is not None:
-            k = resolve_keep(self.keep, entry)
+            k = resolve_keep(scaled(self.keep, share), entry)
         else:
             k = int(entry * sched[layer])
         if k > n:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vtoken.errors import ParameterError, UnsupportedModelError
 from vtoken.ops.select import topk_mask
-from vtoken.reducers._grid import require_full_grid
+from vtoken.reducers._grid import from_grid, require_full_grid, to_grid
 from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
 from vtoken.registry import register
 
@@ -62,18 +62,20 @@ class VisionZip(Reducer):
     def select(self, x: StageInput) -> Selection:
         require_full_grid(x, self.name)
         att_req, key_req, feat_req = self.signals()
-        cls_att, keys, feats = x.signal(att_req), x.signal(key_req), x.signal(feat_req)
-        keep = torch.zeros_like(x.valid)
-        values, sizes = x.features.clone(), x.sizes.clone()
+        # everything in raster order of each image's grid (pinned tokens, if any, left out)
+        cls_att, keys, feats = (to_grid(x, x.signal(r)) for r in (att_req, key_req, feat_req))
+        features, token_sizes = to_grid(x, x.features), to_grid(x, x.sizes)
+        keep = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
+        values, sizes = features.clone(), token_sizes.clone()
         groups: dict[tuple[int, int], list[int]] = {}
         for i, ((h, w), k) in enumerate(zip(x.grids, x.keep)):
             groups.setdefault((h * w, k), []).append(i)
         for (n, k), members in groups.items():  # images of one size and budget: one batched computation
             ids = torch.tensor(members, device=x.features.device)
             kp, vals, szs = self._select_group(cls_att[ids, :n], keys[ids, :n], feats[ids, :n],
-                                               x.features[ids, :n], x.sizes[ids, :n], k, x.project)
+                                               features[ids, :n], token_sizes[ids, :n], k, x.project)
             keep[ids, :n], values[ids, :n], sizes[ids, :n] = kp, vals, szs
-        return Selection(keep=keep, values=values, sizes=sizes)
+        return Selection(keep=from_grid(x, keep, False), values=from_grid(x, values), sizes=from_grid(x, sizes))
 
     def _select_group(self, cls_att, keys, feats, features, sizes, k, project):
         m, n = cls_att.shape

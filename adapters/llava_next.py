@@ -1,0 +1,193 @@
+"""Adapter for `LlavaNextForConditionalGeneration` (LLaVA-NeXT / 1.6, AnyRes), transformers 5.x.
+
+Each image is a base view plus crops, all run through the CLIP tower as separate 336-px images.
+transformers packs its placeholder tokens as: the base view's grid, then the crops stitched into one
+grid, unpadded to the image's aspect ratio, with an `image_newline` token closing every row.
+
+The ledger sees two sub-images per image (`ImageSpan`s): the base grid, and the stitched crop grid.
+Newline tokens are **pinned**: they always reach the LLM (they tell it where rows end) and are never
+offered to reducers; an image without crops has a single trailing newline, left as text. An int
+budget is split as the papers do per crop: the base view gets 1/P of it and the crop grid (P-1)/P,
+P = 1 + number of crops (HiPrune's N'/P per crop). Vision signals of the crop grid are gathered from
+each crop's own tower run (so ToDRE's CLS pivot for the crop grid is the crops' highest-CLS-attention
+token: a per-sub-image pivot rather than the paper's base-image pivot). Encoder-stage merging runs
+per crop inside the tower.
+
+The image sizes needed to lay the crops out are only passed to `get_image_features` (a method, not a
+module, so no hook sees them): the adapter wraps that method *on this model instance* to record them
+and the packed features, and restores it on `remove()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtoken.adapter import register_adapter
+from vtoken.adapters.llava import LlavaAdapter
+from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
+from vtoken.ledger import ImageSpan
+from vtoken.ops.attention import fingerprint
+from vtoken.reducers.base import SignalRequest
+
+
+class _Unwrap:
+    """Removal handle restoring the wrapped instance method."""
+
+    def __init__(self, owner: nn.Module, name: str, wrapper: Any) -> None:
+        self.owner, self.name, self.wrapper = owner, name, wrapper
+
+    def remove(self) -> None:
+        if self.owner.__dict__.get(self.name) is self.wrapper:
+            del self.owner.__dict__[self.name]
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    supports = "LlavaNextForConditionalGeneration (LLaVA-NeXT, AnyRes)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ == "LlavaNextForConditionalGeneration" and hasattr(model, "model")
+
+    def static_image_tokens(self) -> int | None:
+        return None  # the crops make the count depend on the image size
+
+    def install(self) -> None:
+        for r in self.runtime.encoder:
+            if r.vtu is not None:
+                raise UnsupportedModelError("vtu (virtual token unmerging) is not supported for LLaVA-NeXT")
+        super().install()
+        base = self.model.model
+        original = base.get_image_features
+        sig = inspect.signature(original)
+
+        # Why a wrapper: the image sizes that lay out the crops only reach `get_image_features`,
+        # a method of the model (no module sees them); it runs the tower, whose hooks capture the rest.
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            sizes = sig.bind_partial(*args, **kwargs).arguments.get("image_sizes")
+            self._record_images(sizes, out.pooler_output)
+            return out
+
+        base.get_image_features = get_image_features
+        self.handles.append(_Unwrap(base, "get_image_features", get_image_features))
+
+    # --- layout of one image --------------------------------------------------------------------------
+    def _layout(self, size: tuple[int, int]) -> dict[str, Any]:
+        """Crops, placeholder count and the crop grid's (crop, patch) source of every position."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+            unpad_image,
+        )
+
+        cfg = self.model.config
+        tile = cfg.vision_config.image_size
+        side = tile // cfg.vision_config.patch_size
+        crops = image_size_to_num_patches(size, cfg.image_grid_pinpoints, tile)
+        if crops == 1:
+            return {"crops": 1, "tokens": side * side + 1, "grid": None}
+        nh, nw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, tile)
+        crop = torch.arange(nh * nw).view(nh, nw, 1, 1).expand(nh, nw, side, side)
+        patch = torch.arange(side * side).view(1, 1, side, side).expand(nh, nw, side, side)
+        src = torch.stack([crop, patch], -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # as transformers
+        src = unpad_image(src, list(size))
+        rows, cols = src.shape[1:]
+        return {"crops": crops, "tokens": side * side + rows * (cols + 1), "grid": (rows, cols),
+                "crop": src[0].reshape(-1), "patch": src[1].reshape(-1)}
+
+    def _record_images(self, sizes: Any, packed: list[torch.Tensor]) -> None:
+        if self.vision_capture is None or sizes is None:
+            return
+        sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(sizes).tolist()]
+        self.vision_capture["sizes"] = sizes
+        self.vision_capture["packed"] = [fingerprint(t[None]) for t in packed]
+        self.vision_capture["lengths"] = [t.shape[0] for t in packed]
+
+    def _sizes(self, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        sizes = inputs.get("image_sizes")
+        if sizes is not None:
+            return [tuple(int(v) for v in s) for s in torch.as_tensor(sizes).tolist()]
+        return None
+
+    def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        sizes = self._sizes(inputs) or (self.vision_capture or {}).get("sizes")
+        if sizes is None:
+            return runs  # one image per run; checked against the capture in prepare_vision
+        lengths = [self._layout(s)["tokens"] for s in sizes]
+        out, k = [], 0
+        for sample, start, length in runs:
+            pos = start
+            while pos < start + length and k < len(lengths):
+                out.append((sample, pos, lengths[k]))
+                pos += lengths[k]
+                k += 1
+            if pos != start + length:
+                return runs  # beam search repeated the images: match by value in prepare_vision
+        return out
+
+    # --- matching this prefill's images to the tower run, and their sub-image spans --------------------
+    def prepare_vision(self, embeds: torch.Tensor) -> None:
+        cap = self.vision_capture
+        if not cap or "packed" not in cap:
+            raise SignalError("the images of this call were encoded before the model was patched; pass "
+                              "pixel_values (and image_sizes) to the patched model")
+        d, length = embeds.shape[-1], embeds.shape[1]
+        flat = embeds.reshape(-1, d)
+        rows = []
+        for sample, start, n in self.call.images:
+            mine = fingerprint(flat[sample * length + start: sample * length + start + n][None])
+            match = [i for i, (fp, m) in enumerate(zip(cap["packed"], cap["lengths"]))
+                     if m == n and bool(((mine - fp.to(mine.device)).abs() <= 1e-6 * (fp.abs() + 1)).all())]
+            if not match:
+                raise SignalError("the images of this call do not match the last vision-tower run")
+            rows.append(match[0])
+        self._vision_rows = torch.tensor(rows)
+
+    def _spans(self) -> list[ImageSpan]:
+        cap = self.vision_capture
+        side = self.grid()[0]
+        spans: list[ImageSpan] = []
+        self._sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tower row, patch) per grid position
+        offsets = [0]
+        for size in cap["sizes"]:
+            offsets.append(offsets[-1] + self._layout(size)["crops"])
+        for (sample, start, n), row in zip(self.call.images, self._vision_rows.tolist()):
+            lay = self._layout(cap["sizes"][row])
+            if lay["tokens"] != n:
+                raise LayoutError(f"image at sample {sample} has {n} tokens, its layout {lay['tokens']}")
+            first = offsets[row]
+            share = 1.0 / lay["crops"]
+            spans.append(ImageSpan(sample, start, (side, side), share=share))
+            self._sources.append((torch.full((side * side,), first), torch.arange(side * side)))
+            if lay["grid"] is None:
+                continue  # a lone trailing newline: left as text
+            rows_, cols = lay["grid"]
+            inner = tuple(-1 if q % (cols + 1) == cols else (q // (cols + 1)) * cols + q % (cols + 1)
+                          for q in range(rows_ * (cols + 1)))
+            spans.append(ImageSpan(sample, start + side * side, (rows_, cols), length=rows_ * (cols + 1),
+                                   inner=inner, share=1.0 - share))
+            self._sources.append((first + 1 + lay["crop"], lay["patch"]))
+        return spans
+
+    def vision_signal(self, req: SignalRequest) -> torch.Tensor:
+        per_crop = self.tower_signal(req)  # (tower images, side*side, ...)
+        chosen = []
+        for crop, patch in self._sources:
+            vals = per_crop[crop.to(per_crop.device), patch.to(per_crop.device)]
+            if req.kind == "encoder_groups":  # merged-token ids unique within the sub-image
+                key = crop.to(vals.device) * per_crop.shape[1] + vals.long()
+                vals = torch.unique(key, return_inverse=True)[1]
+            chosen.append(vals)
+        n_max = max(v.shape[0] for v in chosen)
+        out = chosen[0].new_zeros(len(chosen), n_max, *chosen[0].shape[1:])
+        for i, v in enumerate(chosen):
+            out[i, : v.shape[0]] = v
+        return out
