@@ -90,6 +90,7 @@ class Call:
     tail: torch.Tensor | None = None  # decode: 2-D mask columns of the tokens after the prefill
     n_new: int = 0
     signal_flops: int = 0
+    text_after: list[int] = field(default_factory=list)  # host: prompt tokens after each sample's last image
     point: dict[str, Any] | None = None  # the decoder point being reduced: its layer and input
     ttv: torch.Tensor | None = None  # (B, L_orig + 1) TTV accumulated per original column
     vtu: Any = None  # VirtualMap (virtual token unmerging) of this prefill
@@ -360,6 +361,11 @@ class HFVisionLanguageAdapter(Adapter):
         b, length, _ = embeds.shape
         self.prepare_vision(embeds)
         call.spans = self._spans()
+        ends = [call.lengths[i] if not call.right_align else length for i in range(b)]
+        last_end = [-1] * b
+        for sp in call.spans:
+            last_end[sp.sample] = max(last_end[sp.sample], sp.start + sp.n)
+        call.text_after = [ends[i] - last_end[i] if last_end[i] >= 0 else call.lengths[i] for i in range(b)]
         layout = Layout.initial(call.valid, call.spans, call.lengths, call.right_align)
         pos = kwargs.get("position_ids")
         if pos is None:
@@ -646,67 +652,87 @@ class HFVisionLanguageAdapter(Adapter):
                 "being reduced (another reducer acted in between); put the reducers at the same layer"
             )
         attn = self.layers[req.layer].self_attn
-        return self._received(attn, req.query, layout, cap["q_proj"], cap["k_proj"], cap["position_embeddings"])
+        q_all = cap["q_proj"]
+
+        def q_of(idx: torch.Tensor) -> torch.Tensor:
+            return gather_rows(q_all, idx)
+
+        return self._received(attn, req.query, layout, q_of, cap["k_proj"], cap["position_embeddings"])
 
     def _llm_attention_pre(self, req: SignalRequest, layout: Layout) -> torch.Tensor:
         """Attention each row would receive in LLM layer `req.layer`, computed from the hidden states
-        entering it (its input norm, q/k projections and RoPE), before the layer runs."""
+        entering it (its input norm, q/k projections and RoPE), before the layer runs. Queries are
+        projected for the query rows only."""
         point = self.call.point
         if point is None or point["layer"] != req.layer:
             raise SignalError(f"{req} can only be read by a reducer acting before LLM layer {req.layer}")
         layer = self.layers[req.layer]
         normed = layer.input_layernorm(point["hidden"])
         attn = layer.self_attn
-        self.call.signal_flops += 2 * normed.shape[0] * normed.shape[1] * normed.shape[2] * (
-            attn.q_proj.out_features + attn.k_proj.out_features)
-        return self._received(attn, req.query, layout, attn.q_proj(normed), attn.k_proj(normed),
-                              point["position_embeddings"])
+        b, length, d = normed.shape
 
-    def _received(self, attn: nn.Module, query: str, layout: Layout, q_proj: torch.Tensor, k_proj: torch.Tensor,
-                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """(B, L) attention probability each row receives from the query rows, mean over heads.
+        def q_of(idx: torch.Tensor) -> torch.Tensor:
+            self.call.signal_flops += 2 * idx.numel() * d * attn.q_proj.out_features
+            return attn.q_proj(gather_rows(normed, idx))
 
-        softmax(q k^T * scaling) under the causal + padding mask, exactly as eager attention does,
-        with the layer's q/k norms and RoPE. query: "last" (the last prompt row), "instruction" (mean
-        over the rows after the last image), "visual" (mean over the visual rows).
+        self.call.signal_flops += 2 * b * length * d * attn.k_proj.out_features
+        return self._received(attn, req.query, layout, q_of, attn.k_proj(normed), point["position_embeddings"])
+
+    def _query_rows(self, query: str, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) rows of the query tokens (and which are real), Q bounded on the host (no sync).
+
+        "last": the last prompt row; "instruction": the prompt rows after the last image; "visual":
+        the visual rows.
         """
         b, length = layout.shape
+        device = layout.valid.device
+        rows = torch.arange(length, device=device)
+        valid = self._prompt_rows(layout)
+        if query == "last":
+            last = torch.where(valid, rows, -1).amax(1)
+            return last.clamp_min(0)[:, None], (last >= 0)[:, None]
+        is_img = layout.image >= 0
+        if query == "instruction":
+            last_img = torch.where(is_img, rows, -1).amax(1)
+            qmask = valid & (rows[None] > last_img[:, None])
+            bound = max(self.call.text_after, default=0)
+        elif query == "visual":
+            qmask = valid & is_img
+            bound = max(self._per_sample(layout.counts, b), default=0)
+        else:
+            raise SignalError(f"unknown query {query!r} for LLM attention (use 'last', 'instruction', 'visual')")
+        bound = max(1, min(bound, length))
+        idx = (~qmask).int().argsort(dim=1, stable=True)[:, :bound]  # query rows first, in order
+        return idx, qmask.gather(1, idx)
+
+    def _received(self, attn: nn.Module, query: str, layout: Layout, q_of: Any, k_proj: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, L) attention probability each row receives from the query rows, mean over heads and
+        query rows: softmax(q k^T * scaling) under the causal + padding mask, as eager attention
+        computes it, with the layer's q/k norms and RoPE, for the query rows only."""
+        b, length = layout.shape
         hd = attn.head_dim
-        q = q_proj.view(b, length, -1, hd)
+        idx, qvalid = self._query_rows(query, layout)
+        idx, qvalid = idx.to(k_proj.device), qvalid.to(k_proj.device)
+        q = q_of(idx).view(b, idx.shape[1], -1, hd)
         k = k_proj.view(b, length, -1, hd)
         if getattr(attn, "q_norm", None) is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        rows = torch.arange(length, device=q.device)
-        valid = self._prompt_rows(layout).to(q.device)
+        rows = torch.arange(length, device=k.device)
+        valid = self._prompt_rows(layout).to(k.device)
         cos, sin = position_embeddings
         rope = self._rope_fn(attn)
         k = rope(k.transpose(1, 2), cos, sin)
-        if query == "last":
-            qsel = torch.where(valid, rows, -1).amax(1)[:, None]  # (B, 1) the last prompt row
-            cq = gather_rows(cos, qsel, dim=self.pos_emb_seq_dim)
-            sq = gather_rows(sin, qsel, dim=self.pos_emb_seq_dim)
-            qh = rope(gather_rows(q, qsel, dim=1).transpose(1, 2), cq, sq)  # (B, H, 1, hd)
-            qrow, qmask = qsel, None
-        elif query in ("instruction", "visual"):
-            is_img = layout.image.to(q.device) >= 0
-            if query == "instruction":
-                last_img = torch.where(is_img, rows, -1).amax(1)
-                qmask = valid & (rows[None] > last_img[:, None])
-            else:
-                qmask = valid & is_img
-            qh = rope(q.transpose(1, 2), cos, sin)
-            qrow = rows[None].expand(b, length)
-        else:
-            raise SignalError(f"unknown query {query!r} for LLM attention (use 'last', 'instruction', 'visual')")
+        cq = gather_rows(cos, idx, dim=self.pos_emb_seq_dim)
+        sq = gather_rows(sin, idx, dim=self.pos_emb_seq_dim)
+        qh = rope(q.transpose(1, 2), cq, sq)  # (B, H, Q, hd)
         groups = qh.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         logits = torch.matmul(qh.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, Q, L)
-        allowed = valid[:, None, None, :] & (rows[None, None, None, :] <= qrow[:, None, :, None])
+        allowed = valid[:, None, None, :] & (rows[None, None, None, :] <= idx[:, None, :, None])
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0).mean(1)  # (B, Q, L)
         self.call.signal_flops += 4 * b * qh.shape[1] * qh.shape[2] * length * hd
-        if qmask is None:
-            return probs[:, 0]
-        w = qmask.float()
+        w = qvalid.float()
         return (probs * w[:, :, None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
 
     def _rope_fn(self, attn: nn.Module):

@@ -150,7 +150,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                   args.device, _dtype(args.dtype), args.repeat)
         bench.write(records, args.out, bench.vit_table(records))
         return 0
+    if args.target == "vlm":
+        try:
+            records = bench.bench_vlm(args.model or "llava-small", tuple(args.reducer or bench.DEFAULT_REDUCERS),
+                                      tuple(args.keep or [64]), tuple(args.batch or [1]), args.device,
+                                      _dtype(args.dtype), args.repeat)
+        except (ValueError, vtoken_errors()) as e:
+            raise UsageError(str(e)) from None
+        bench.write(records, args.out, bench.vlm_table(records))
+        return 0
     raise UsageError(f"unknown bench target {args.target!r}")
+
+
+def vtoken_errors() -> type[Exception]:
+    import vtoken
+
+    return vtoken.VTokenError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -281,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="JSON file to write")
     cal.set_defaults(func=cmd_calibrate)
     bn = sub.add_parser("bench", help="speed benchmarks on full-size architectures with random weights")
-    bn.add_argument("target", choices=["vit"], help="vit: timm ViT images/s with ToMe")
-    bn.add_argument("--model", help="timm model name (vit: default vit_base_patch16_224)")
+    bn.add_argument("target", choices=["vit", "vlm"],
+                    help="vit: timm ViT images/s with ToMe; vlm: TTFT / decode / memory vs the oracle")
+    bn.add_argument("--model", help="vit: timm model name (vit_base_patch16_224); vlm: llava-small, llava-1.5-7b")
+    bn.add_argument("--reducer", action="append", help="vlm: reducer (repeatable)")
+    bn.add_argument("--keep", type=int, action="append", help="vlm: budget (repeatable; default 64)")
+    bn.add_argument("--batch", type=int, action="append", help="vlm: batch size (repeatable; default 1)")
     bn.add_argument("--r", type=int, nargs="+", default=[8, 13, 16], help="ToMe r values (vit)")
     bn.add_argument("--batch-size", type=int, default=32)
     bn.add_argument("--device", default="cpu")

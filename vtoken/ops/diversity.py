@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PAIRWISE_LIMIT = 4096  # tokens per image up to which the N x N similarity table is precomputed
+
 
 def greedy_diverse(
     x: torch.Tensor,
@@ -36,13 +38,22 @@ def greedy_diverse(
     k = torch.tensor(k, device=device, dtype=torch.long)
     active = k > 0
     chosen[rows, first] = active
-    sim = torch.einsum("nid,nd->ni", xn, xn[rows, first])
-    score = sim.clone()  # max (maxmin) or sum (maxsum) of similarities to the selected set
+    # all pairwise similarities at once when they fit (one matmul, then each step reads a row);
+    # otherwise one (N x d) product per step
+    table = xn @ xn.transpose(1, 2) if big_n <= PAIRWISE_LIMIT else None
+
+    def similarity(col: torch.Tensor) -> torch.Tensor:
+        if table is not None:
+            return table[rows, col]
+        return torch.einsum("nid,nd->ni", xn, xn[rows, col])
+
+    score = similarity(first).clone()  # max (maxmin) or sum (maxsum) of similarities to the selected set
+    blocked = chosen | ~valid
     for step in range(1, steps):
-        blocked = chosen | ~valid
         cand = score.masked_fill(blocked, float("inf")).argmin(1)
         take = active & (k > step)
         chosen[rows, cand] |= take
-        sim = torch.einsum("nid,nd->ni", xn, xn[rows, cand])
+        blocked[rows, cand] = True
+        sim = similarity(cand)
         score = torch.maximum(score, sim) if mode == "maxmin" else score + sim
     return chosen & valid

@@ -43,11 +43,18 @@ class Pool(Reducer):
         for ((rows, cols), k), members in groups.items():  # one batched computation per grid and budget
             ids = torch.tensor(members, device=feats.device)
             grid = feats[ids, : rows * cols].reshape(len(members), rows, cols, -1)
-            for r0, r1, c0, c1 in windows(k, rows, cols):
-                rep = r0 * cols + c0
-                keep[ids, rep] = True
-                values[ids, rep] = grid[:, r0:r1, c0:c1].float().mean((1, 2)).to(feats.dtype)
-                sizes[ids, rep] = (r1 - r0) * (c1 - c0)
+            wins = torch.tensor(windows(k, rows, cols), device=feats.device)  # (k, 4): r0, r1, c0, c1
+            # window sums from a 2-D prefix sum: every window in one gather
+            csum = torch.zeros(len(members), rows + 1, cols + 1, grid.shape[-1], device=feats.device)
+            csum[:, 1:, 1:] = grid.float().cumsum(1).cumsum(2)
+            r0, r1, c0, c1 = wins.unbind(1)
+            total = csum[:, r1, c1] - csum[:, r0, c1] - csum[:, r1, c0] + csum[:, r0, c0]
+            area = ((r1 - r0) * (c1 - c0)).to(total.dtype)
+            rep = r0 * cols + c0
+            rows_idx = ids[:, None].expand(-1, k)
+            keep[rows_idx, rep] = True
+            values[rows_idx, rep] = (total / area[None, :, None]).to(feats.dtype)
+            sizes[rows_idx, rep] = area.to(sizes.dtype)
         return Selection(keep=from_grid(x, keep, False), values=from_grid(x, values),
                          sizes=from_grid(x, sizes))
 
