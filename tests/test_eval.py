@@ -122,3 +122,12 @@ def test_large_tensors_are_split_across_shards(tmp_path):
     assert len(files) >= 2 and all(f.stat().st_size <= train.SHARD_BYTES + 2**16 for f in files)
     back = train.load_sharded(tmp_path, "x")
     assert torch.equal(back["w"], big["w"]) and torch.equal(back["b"], big["b"])
+
+
+def test_run_on_the_qwen_shapes_geometry(tmp_path, capsys):
+    out = tmp_path / "q.jsonl"
+    assert cli.main(["run", "--model", "tiny-qwen2vl-shapes", "--reducer", "hiprune", "--keep", "64",
+                     "--limit", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["metrics"]["visual_tokens"] == {"mean": 64.0, "min": 64, "max": 64}  # of 144 per image
+    assert rec["metrics"]["flops_pct"] < 100

@@ -11,15 +11,16 @@ import pytest
 pytest.importorskip("lmms_eval")
 
 from vtoken.eval.lmms import export_task, find_results
-from vtoken.eval.models import tiny_shapes_model
+from vtoken.eval.models import tiny_qwen_shapes_model, tiny_shapes_model
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
-    model, proc = tiny_shapes_model()
-    model.save_pretrained(root / "model")
-    proc.save_pretrained(root / "model")
+    for name, build in (("model", tiny_shapes_model), ("qmodel", tiny_qwen_shapes_model)):
+        model, proc = build()
+        model.save_pretrained(root / name)
+        proc.save_pretrained(root / name)
     export_task(root / "task", limit=6)
     return root
 
@@ -30,10 +31,11 @@ def test_entry_point_registers_the_model():
     assert get_model("vtoken", force_simple=True).__name__ == "VTokenModel"
 
 
-def test_lmms_eval_end_to_end_with_stats(saved):
-    out, stats = saved / "out", saved / "stats.jsonl"
+@pytest.mark.parametrize("base,folder,visual", [("llava_hf", "model", 576), ("qwen2_vl", "qmodel", 144)])
+def test_lmms_eval_end_to_end_with_stats(saved, base, folder, visual):
+    out, stats = saved / f"out_{base}", saved / f"stats_{base}.jsonl"
     args = [sys.executable, "-m", "vtoken.eval.cli", "lmms",
-            "--model_args", f"base=llava_hf,pretrained={saved / 'model'},reducer=fastv,keep=64,stats_out={stats}",
+            "--model_args", f"base={base},pretrained={saved / folder},reducer=fastv,keep=64,stats_out={stats}",
             "--tasks", "vtoken_shapes", "--include_path", str(saved / "task"), "--limit", "5",
             "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
@@ -43,11 +45,11 @@ def test_lmms_eval_end_to_end_with_stats(saved):
     assert result["n-samples"]["vtoken_shapes"]["effective"] == 5
     records = [json.loads(x) for x in stats.read_text().splitlines()]
     assert [r["doc_id"] for r in records] == list(range(5))
-    assert all(r["visual_tokens"] == [576] and r["visual_tokens_last_layer"] == [64] for r in records)
+    assert all(r["visual_tokens"] == [visual] and r["visual_tokens_last_layer"] == [64] for r in records)
     assert all(r["flops"]["total"] > 0 for r in records)
     samples = [json.loads(x) for f in out.rglob("*samples_vtoken_shapes.jsonl") for x in f.read_text().splitlines()]
     assert len(samples) == 5
-    tok = tiny_shapes_model()[1].tokenizer
+    tok = (tiny_shapes_model if base == "llava_hf" else tiny_qwen_shapes_model)()[1].tokenizer
     for s in samples:  # trimmed with the original prompt length: only the (at most 4) new tokens remain
         text = s["filtered_resps"]
         text = text[0] if isinstance(text, list) else text

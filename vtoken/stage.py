@@ -84,6 +84,7 @@ def run_point(
                 keep=keep,
                 layer=layer,
                 project=project,
+                counts=selectable,
                 _signal=aligned,
             )
             sel = reducer.select(x)

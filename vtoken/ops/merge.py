@@ -165,10 +165,10 @@ def energy_plan(metric: torch.Tensor, counts: list[int], k: list[int], margin: f
     device = metric.device
     e = energy(metric, counts, margin, alpha, prefix, variant)
     order = e.argsort(dim=1, descending=True, stable=True)  # real non-prefix tokens first
+    if any(2 * x > c - prefix for x, c in zip(k, counts)):
+        raise ValueError(f"pitome: cannot merge {k} tokens of {counts} (at most half of the non-prefix tokens)")
     kk = torch.tensor(k, device=device)
     n_real = torch.tensor(counts, device=device) - prefix
-    if bool((2 * kk > n_real).any()):
-        raise ValueError(f"pitome: cannot merge {k} tokens of {counts} (at most half of the non-prefix tokens)")
     rank = torch.arange(t, device=device)[None].expand(b, t)
     mergeable = rank < 2 * kk[:, None]
     is_a = mergeable & (rank % 2 == 0)

@@ -12,7 +12,8 @@ from vtoken.reducers.base import StageInput
 
 def require_full_grid(x: StageInput, name: str) -> None:
     """Raise unless every image still has its whole grid (nothing reduced before)."""
-    for (h, w), n in zip(x.grids, x.valid.sum(1).tolist()):
+    counts = x.counts if x.counts is not None else x.valid.sum(1).tolist()
+    for (h, w), n in zip(x.grids, counts):
         if n != h * w:
             raise ParameterError(
                 f"{name} reads each image's full token grid; it must be the first reducer to act "

@@ -95,6 +95,7 @@ class StageInput:
     grids:     per image, its original (rows, cols) grid.
     keep:      per image, how many tokens the reducer must keep.
     layer:     the LLM layer this point sits before (decoder stage), else None.
+    counts:    per image, how many tokens it has at this point (host ints; no device read needed).
     project:   maps vision features (..., d_vision) into the LLM's embedding space (the model's
                projector), for reducers that build new tokens in vision space; None if unavailable.
     """
@@ -107,6 +108,7 @@ class StageInput:
     keep: list[int]
     layer: int | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
+    counts: list[int] | None = None  # host: selectable tokens per image (None: read from `valid`)
     _signal: Callable[[SignalRequest], torch.Tensor] | None = field(repr=False, default=None)
 
     def signal(self, request: SignalRequest) -> torch.Tensor:

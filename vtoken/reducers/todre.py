@@ -58,7 +58,7 @@ class ToDREDiversity(Reducer):
             score = x.signal(self.signals()[0]).float()
         else:  # a fixed function of (seed, raster position), so batch composition does not matter
             g = torch.Generator().manual_seed(self.seed)
-            table = torch.rand(int(x.positions.max()) + 1, generator=g).to(x.features.device)
+            table = torch.rand(max(h * w for h, w in x.grids), generator=g).to(x.features.device)
             score = table[x.positions]
         first = score.masked_fill(~x.valid, float("-inf")).argmax(1)
         mode = "maxmin" if self.selection == "kcenter" else "maxsum"
