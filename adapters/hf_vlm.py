@@ -107,10 +107,11 @@ class HFVisionLanguageAdapter(Adapter):
 
     # --- anatomy, provided by subclasses -----------------------------------------------------------
     def language_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The decoder-only LLM (transformers 5.x VLMs keep it at `model.model.language_model`)."""
+        return self.model.model.language_model
 
     def text_config(self) -> Any:
-        raise NotImplementedError
+        return self.model.config.text_config
 
     def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """(B, L) bool mask of image placeholder tokens in this call's inputs (None if none can exist)."""

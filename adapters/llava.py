@@ -40,12 +40,6 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return type(model).__name__ == "LlavaForConditionalGeneration" and hasattr(model, "model")
 
     # --- anatomy ------------------------------------------------------------------------------------
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
 

@@ -52,12 +52,6 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         return type(model).__name__ in FAMILIES and hasattr(model, "model")
 
     # --- anatomy ------------------------------------------------------------------------------------
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
     def visual(self) -> nn.Module:
         return self.model.model.visual
 

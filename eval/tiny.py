@@ -8,6 +8,31 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 IMAGE_TOKEN = 3
 
 
+def _instantiate(cls, config, attn: str, seed: int, dtype: torch.dtype):
+    """Build a model from config with `attn` everywhere; weights x3 so attention is not near-uniform
+    (reductions then visibly change the outputs)."""
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.to(dtype)
+
+
+def pad_batch(seqs: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:
+    """Token sequences padded (id 0) on `side` into input_ids and attention_mask."""
+    length = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(length - len(s), length) if side == "left" else slice(0, len(s))
+        input_ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def tiny_llava(
     seed: int = 0,
     image_size: int = 84,
@@ -32,16 +57,7 @@ def tiny_llava(
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu",
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    # Random init gives near-uniform attention; sharpen it so that reductions change outputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model.to(dtype)
+    return _instantiate(LlavaForConditionalGeneration, config, attn, seed, dtype)
 
 
 QWEN_IMAGE, QWEN_START, QWEN_END = 151, 150, 153
@@ -75,14 +91,7 @@ def tiny_qwen(kind: str = "qwen2_vl", seed: int = 0, llm_layers: int = 4, vision
         cls = Qwen2_5_VLForConditionalGeneration
     else:
         raise ValueError(kind)
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model.to(dtype)
+    return _instantiate(cls, config, attn, seed, dtype)
 
 
 def qwen_inputs(samples: list[list[tuple[int, int]]], text: int = 4, seed: int = 0, side: str = "left"):
@@ -103,14 +112,8 @@ def qwen_inputs(samples: list[list[tuple[int, int]]], text: int = 4, seed: int =
             grids.append([1, h, w])
         ids += torch.randint(10, 140, (text,), generator=g).tolist()
         seqs.append(ids)
-    length = max(len(s) for s in seqs)
-    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(length - len(s), length) if side == "left" else slice(0, len(s))
-        input_ids[i, sl] = torch.tensor(s)
-        mask[i, sl] = 1
-    out = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == QWEN_IMAGE).int()}
+    out = pad_batch(seqs, side)
+    out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int()
     if pixels:
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(grids)
@@ -129,14 +132,7 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa", llm_layers: int = 4, dtyp
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                              image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], vision_feature_layer=-2,
                              vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model.to(dtype)
+    return _instantiate(LlavaNextForConditionalGeneration, config, attn, seed, dtype)
 
 
 def next_inputs(model, samples: list[list[tuple[int, int]]], text: int = 4, seed: int = 0):
@@ -163,13 +159,7 @@ def next_inputs(model, samples: list[list[tuple[int, int]]], text: int = 4, seed
             k += 1
         ids += torch.randint(10, 120, (text,), generator=g).tolist()
         seqs.append(ids)
-    length = max(len(s) for s in seqs)
-    input_ids = torch.zeros(len(seqs), length, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, length - len(s):] = torch.tensor(s)
-        mask[i, length - len(s):] = 1
-    out = {"input_ids": input_ids, "attention_mask": mask}
+    out = pad_batch(seqs)
     if sizes:
         out["pixel_values"] = pixels
         out["image_sizes"] = torch.tensor(sizes)

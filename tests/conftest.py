@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtoken.eval.tiny import IMAGE_TOKEN, tiny_llava
+from vtoken.eval.tiny import IMAGE_TOKEN, pad_batch, tiny_llava
 
 N_IMG = 36  # tokens per image of the tiny LLaVA (84 / 14 = 6, 6 x 6)
 
@@ -21,15 +21,8 @@ def make_prompt(n_images: int, text: int = 5, seed: int = 0) -> list[int]:
 
 
 def make_batch(prompts: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:
-    """Pad prompts (pad id 0) on `side`; position ids as generate() computes them (cumsum of the mask)."""
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        sl = slice(length - len(p), length) if side == "left" else slice(0, len(p))
-        ids[i, sl] = torch.tensor(p)
-        mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    """Pad prompts (pad id 0) on `side`."""
+    return pad_batch(prompts, side)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
