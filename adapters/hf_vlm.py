@@ -114,8 +114,20 @@ class HFVisionLanguageAdapter(Adapter):
         return self.model.config.text_config
 
     def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """(B, L) bool mask of image placeholder tokens in this call's inputs (None if none can exist)."""
-        raise NotImplementedError
+        """(B, L) bool mask of image placeholder tokens in this call's inputs (None if none can exist).
+
+        From `input_ids` when given, else by matching `inputs_embeds` rows to the image token's
+        embedding (the placeholder rows are still unfilled when the language model's pre-hook runs).
+        """
+        image_id = self.model.config.image_token_id
+        ids = inputs.get("input_ids")
+        if ids is not None:
+            return ids == image_id
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        token = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+        return (embeds == token).all(-1)
 
     def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
         """Token grid (rows, cols) of each image, in order ((sample, start, tokens) per image)."""

@@ -50,18 +50,6 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             return (1, side * side + 1)  # CLS kept: no 2-D grid
         return (side, side)
 
-    def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        image_id = self.model.config.image_token_id
-        ids = inputs.get("input_ids")
-        if ids is not None:
-            return ids == image_id
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            return None
-        table = self.model.get_input_embeddings()
-        token = table(torch.tensor(image_id, device=embeds.device))
-        return (embeds == token).all(-1)
-
     def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """Adjacent images form one run of placeholders: split every run into images of N tokens."""
         g = self.grid()

@@ -64,17 +64,6 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                          vision_layers=len(self.visual().blocks), feature_layer=len(self.visual().blocks) - 1,
                          has_cls=False, vision_tokens=None, prefix_tokens=0)
 
-    def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
-        image_id = self.model.config.image_token_id
-        ids = inputs.get("input_ids")
-        if ids is not None:
-            return ids == image_id
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            return None
-        token = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
-        return (embeds == token).all(-1)
-
     def has_new_images(self, inputs: dict[str, Any]) -> bool:
         mm = inputs.get("mm_encoder_outputs") or {}
         return inputs.get("pixel_values") is not None or mm.get("image") is not None
