@@ -405,6 +405,8 @@ def test_errors_are_clear(llava):
         vtoken.patch(llava, "fastv", k=9)
     with pytest.raises(vtoken.ParameterError, match="k"):
         vtoken.patch(llava, "fastv", k=0)
+    with pytest.raises(vtoken.ParameterError, match="none keeps every visual token"):
+        vtoken.patch(llava, "none", keep=4)
     p = vtoken.patch(llava, "random", keep=4)
     try:
         with pytest.raises(vtoken.AlreadyPatchedError, match="remove"):

@@ -12,6 +12,7 @@ from conftest import N_IMG, make_batch, make_prompt, pixels
 
 import vtoken
 from vtoken.eval.tiny import IMAGE_TOKEN, tiny_llava
+from vtoken.ops.attention import received_attention
 from vtoken.ops.diversity import greedy_diverse
 from vtoken.reducers import DivPrune, HiPrune, TransPrune, VisionZip
 from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, StageInput
@@ -80,6 +81,18 @@ def test_vision_signals_match_eager_attention(eager):
     keys = attn.k_proj(normed).view(3, N_IMG + 1, attn.num_heads, -1).mean(2)[:, 1:]
     torch.testing.assert_close(probe.seen[reqs[2]], keys, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(probe.seen[reqs[3]], vis.hidden_states[-2][:, 1:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("query", ["all", "cls"])
+def test_received_attention_blocks_match_one_full_softmax(query):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 50, 32, generator=g), torch.randn(3, 50, 32, generator=g)
+    scores = torch.einsum("nqhd,nkhd->nhqk", q.view(3, 50, 4, 8), k.view(3, 50, 4, 8)) * 0.3
+    p = scores.softmax(-1)
+    want = (p[:, :, :1] if query == "cls" else p).mean(2).mean(1)
+    for block in (1, 7 * 12 * 50, 2**30):  # one row at a time, ragged blocks, one block
+        got = received_attention(q, k, heads=4, scale=0.3, query=query, block_elements=block)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_vision_signals_follow_images_through_beam_expansion(eager):

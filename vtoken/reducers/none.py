@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from vtoken.errors import ParameterError
 from vtoken.reducers.base import Reducer, Selection, Stage, StageInput
 from vtoken.registry import register
 
@@ -16,6 +17,14 @@ class Identity(Reducer):
 
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep not in (None, 1.0):
+            raise ParameterError(
+                f"none keeps every visual token and takes no budget (got keep={self.keep!r}); "
+                "drop `keep`, or pick a reducer such as 'random' or 'pool' to keep fewer tokens"
+            )
 
     def select(self, x: StageInput) -> Selection:
         return Selection(keep=x.valid.clone())
