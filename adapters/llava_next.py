@@ -9,8 +9,8 @@ Newline tokens are **pinned**: they always reach the LLM (they tell it where row
 offered to reducers; an image without crops has a single trailing newline, left as text. An int
 budget is split as the papers do per crop: the base view gets 1/P of it and the crop grid (P-1)/P,
 P = 1 + number of crops (HiPrune's N'/P per crop). Vision signals of the crop grid are gathered from
-each crop's own tower run (so ToDRE's CLS pivot for the crop grid is the crops' highest-CLS-attention
-token: a per-sub-image pivot rather than the paper's base-image pivot). Encoder-stage merging runs
+each crop's own tower run. The crop span names its base span (`ImageSpan.base`), so ToDRE takes its
+one pivot from the base view and starts the crops' selection from it. Encoder-stage merging runs
 per crop inside the tower.
 
 The image sizes needed to lay the crops out are only passed to `get_image_features` (a method, not a
@@ -165,6 +165,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 raise LayoutError(f"image at sample {sample} has {n} tokens, its layout {lay['tokens']}")
             first = offsets[row]
             share = 1.0 / lay["crops"]
+            base = len(spans)
             spans.append(ImageSpan(sample, start, (side, side), share=share))
             self._sources.append((torch.full((side * side,), first), torch.arange(side * side)))
             if lay["grid"] is None:
@@ -173,7 +174,7 @@ class LlavaNextAdapter(LlavaAdapter):
             inner = tuple(-1 if q % (cols + 1) == cols else (q // (cols + 1)) * cols + q % (cols + 1)
                           for q in range(rows_ * (cols + 1)))
             spans.append(ImageSpan(sample, start + side * side, (rows_, cols), length=rows_ * (cols + 1),
-                                   inner=inner, share=1.0 - share))
+                                   inner=inner, share=1.0 - share, base=base))
             self._sources.append((first + 1 + lay["crop"], lay["patch"]))
         return spans
 

@@ -7,6 +7,8 @@ import torch
 
 import vtoken
 from vtoken.eval.tiny import IMAGE_TOKEN, next_inputs, tiny_llava_next
+from vtoken.ops.diversity import greedy_diverse
+from vtoken.reducers.todre import ToDREDiversity
 
 SAMPLES = [[(60, 100)], [(56, 56), (90, 90)], []]  # 5 crops, 3 crops + 5 crops, no image
 REDUCERS = [("random", {"keep": 10}), ("pool", {"keep": 10}), ("fastv", {"keep": 0.5}), ("hiprune", {"keep": 10}),
@@ -101,6 +103,39 @@ def test_batch_equals_alone(model, name, params):
             img += len(imgs)
             out = model(**alone).logits
             torch.testing.assert_close(together[b, -3:], out[0, -3:], atol=5e-5, rtol=1e-4)
+
+
+class RecordingToDRE(ToDREDiversity):
+    """ToDRE stage 1 that keeps its input and selection for inspection."""
+
+    def select(self, x):
+        sel = super().select(x)
+        self.__dict__.setdefault("record", []).append((x, sel))
+        return sel
+
+
+def test_todre_crops_start_from_the_base_view_pivot(model):
+    inp = next_inputs(model, SAMPLES, seed=3)
+    red = RecordingToDRE(keep=10)
+    with vtoken.patch(model, red) as p, torch.no_grad():
+        model(**inp)
+        used = p.reducers[0]
+    (x, sel), = used.record
+    assert x.bases == [None, 0, None, 2, None, 4]  # each crop grid names its base view
+    cls = x.signal(used.signals()[0]).float().masked_fill(~x.valid, float("-inf"))
+    differs = []
+    for crop, base in ((1, 0), (3, 2), (5, 4)):
+        pivot = int(cls[base].argmax())
+        assert sel.keep[base, pivot]  # the base view keeps its own pivot
+        # the crops: k-center seeded with the base pivot's feature, not with a crop token
+        want = greedy_diverse(x.features[crop:crop + 1], x.valid[crop:crop + 1], [x.keep[crop]],
+                              torch.tensor([0]), "maxmin", x.features[base, pivot][None], torch.tensor([True]))
+        assert torch.equal(sel.keep[crop], want[0])
+        alone = greedy_diverse(x.features[crop:crop + 1], x.valid[crop:crop + 1], [x.keep[crop]],
+                               cls[crop:crop + 1].argmax(1), "maxmin")
+        assert int(sel.keep[crop].sum()) == x.keep[crop] == int(alone.sum())
+        differs.append(not torch.equal(sel.keep[crop], alone[0]))
+    assert any(differs)  # a per-crop pivot would have chosen differently here
 
 
 def test_method_wrap_is_removed(model):

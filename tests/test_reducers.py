@@ -231,6 +231,29 @@ def test_greedy_diversity_matches_brute_force_and_large_inputs_run():
     assert sel.sum(1).tolist() == [288, 288, 100]
 
 
+@pytest.mark.parametrize("mode", ["maxmin", "maxsum"])
+def test_greedy_diversity_from_an_outside_reference_matches_brute_force(mode):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 30, 8, generator=g)
+    valid = torch.ones(3, 30, dtype=torch.bool)
+    valid[2, 20:] = False
+    ref = torch.randn(3, 8, generator=g)
+    seeded = torch.tensor([True, False, True])
+    got = greedy_diverse(x, valid, [6, 4, 5], torch.tensor([2, 7, 0]), mode, ref, seeded)
+    xn, rn = F.normalize(x, dim=-1), F.normalize(ref, dim=-1)
+    for i, (k, first) in enumerate([(6, 2), (4, 7), (5, 0)]):
+        chosen = [] if seeded[i] else [first]
+        while len(chosen) < k:
+            sims = [xn[i] @ rn[i]] if seeded[i] else []
+            sims += [xn[i] @ xn[i, c] for c in chosen]
+            stacked = torch.stack(sims, 1)
+            score = stacked.max(1).values if mode == "maxmin" else stacked.sum(1)
+            score[chosen] = float("inf")
+            score[~valid[i]] = float("inf")
+            chosen.append(int(score.argmin()))
+        assert set(torch.nonzero(got[i]).flatten().tolist()) == set(chosen), i
+
+
 def test_hiprune_buffers_are_spatial_neighbours_without_row_wrap():
     a = torch.zeros(1, 12, dtype=torch.bool)
     a[0, 3] = True  # end of row 0 in a 3x4 grid

@@ -27,6 +27,8 @@ class ImageSpan:
             `image_newline` tokens).
     inner:  with pinned tokens, the grid index of each run position (-1 for a pinned one).
     share:  the share of an int budget this span gets (LLaVA-NeXT: base image vs crops).
+    base:   for a sub-image that is a detail view of another span (LLaVA-NeXT's crops), the index of
+            the span holding the image's base view in the call's span list; else None.
     """
 
     sample: int
@@ -35,6 +37,7 @@ class ImageSpan:
     length: int | None = None
     inner: tuple[int, ...] | None = None
     share: float = 1.0
+    base: int | None = None
 
     @property
     def n(self) -> int:

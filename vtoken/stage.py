@@ -81,6 +81,7 @@ def run_point(
                 positions=positions,
                 sizes=layout.size.reshape(-1)[flat],
                 grids=[s.grid for s in spans],
+                bases=[s.base for s in spans] if any(s.base is not None for s in spans) else None,
                 keep=keep,
                 layer=layer,
                 project=project,

@@ -18,6 +18,8 @@ def greedy_diverse(
     k: list[int],
     first: torch.Tensor,
     mode: str = "maxmin",
+    reference: torch.Tensor | None = None,
+    has_reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Select k[i] tokens of image i, starting from token `first[i]`, that are spread out in feature space.
 
@@ -27,6 +29,9 @@ def greedy_diverse(
       the selected set is lowest — argmin_j max_{s in S} cos(x_j, x_s).
     mode="maxsum": each step adds the token whose summed similarity to the selected set is lowest —
       argmin_j sum_{s in S} cos(x_j, x_s) (ToDRE v2).
+    reference: (n, d) with has_reference (n,) bool: for those images the selected set starts as this
+      one outside feature (a pivot chosen elsewhere, e.g. in the base view of a LLaVA-NeXT crop)
+      instead of token `first`, so all k picks are made by the greedy rule.
     Returns the (n, N) bool selection mask.
     """
     n, big_n, _ = x.shape
@@ -34,10 +39,12 @@ def greedy_diverse(
     xn = F.normalize(x.float(), dim=-1)
     rows = torch.arange(n, device=device)
     chosen = torch.zeros(n, big_n, dtype=torch.bool, device=device)
-    steps = max(k, default=0)
+    steps = max(k, default=0) - (1 if reference is None else 0)  # loop picks (host ints: no device read)
     k = torch.tensor(k, device=device, dtype=torch.long)
     active = k > 0
-    chosen[rows, first] = active
+    seeded = torch.zeros(n, dtype=torch.bool, device=device) if has_reference is None else has_reference.to(device)
+    chosen[rows, first] = active & ~seeded
+    picked = chosen.any(1).long()  # picks made so far per image
     # all pairwise similarities at once when they fit (one matmul, then each step reads a row);
     # otherwise one (N x d) product per step
     table = xn @ xn.transpose(1, 2) if big_n <= PAIRWISE_LIMIT else None
@@ -48,12 +55,16 @@ def greedy_diverse(
         return torch.einsum("nid,nd->ni", xn, xn[rows, col])
 
     score = similarity(first).clone()  # max (maxmin) or sum (maxsum) of similarities to the selected set
+    if reference is not None:
+        ref = torch.einsum("nid,nd->ni", xn, F.normalize(reference.float(), dim=-1))
+        score = torch.where(seeded[:, None], ref, score)
     blocked = chosen | ~valid
-    for step in range(1, steps):
+    for _ in range(steps):
         cand = score.masked_fill(blocked, float("inf")).argmin(1)
-        take = active & (k > step)
+        take = active & (picked < k)
         chosen[rows, cand] |= take
         blocked[rows, cand] = True
+        picked += take.long()
         sim = similarity(cand)
         score = torch.maximum(score, sim) if mode == "maxmin" else score + sim
     return chosen & valid

@@ -98,6 +98,8 @@ class StageInput:
     counts:    per image, how many tokens it has at this point (host ints; no device read needed).
     project:   maps vision features (..., d_vision) into the LLM's embedding space (the model's
                projector), for reducers that build new tokens in vision space; None if unavailable.
+    bases:     per image, the row (in this input) of the image's base view when the image is a
+               detail view of it (LLaVA-NeXT crops), else None; None when no image has one.
     """
 
     features: torch.Tensor
@@ -109,6 +111,7 @@ class StageInput:
     layer: int | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
     counts: list[int] | None = None  # host: selectable tokens per image (None: read from `valid`)
+    bases: list[int | None] | None = None
     _signal: Callable[[SignalRequest], torch.Tensor] | None = field(repr=False, default=None)
 
     def signal(self, request: SignalRequest) -> torch.Tensor:

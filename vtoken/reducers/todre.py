@@ -25,7 +25,9 @@ class ToDREDiversity(Reducer):
     pivot="cls": the token with the highest CLS attention at the vision feature layer (the paper's
     "last layer" of the encoder as the LLM sees it, heads averaged); "random": a seeded random token
     (the paper's ablation, for towers without CLS); "auto" (default): "cls" when the tower has a CLS
-    token, else "random".
+    token, else "random". An image with detail views (LLaVA-NeXT: base view + stitched crops) has one
+    pivot, in its base view: the crops' selection starts from that pivot's feature, so every crop
+    token is chosen by the greedy rule relative to it.
     """
 
     stage: ClassVar[Stage] = "boundary"
@@ -62,7 +64,13 @@ class ToDREDiversity(Reducer):
             score = table[x.positions]
         first = score.masked_fill(~x.valid, float("-inf")).argmax(1)
         mode = "maxmin" if self.selection == "kcenter" else "maxsum"
-        return Selection(keep=greedy_diverse(x.features, x.valid, x.keep, first, mode))
+        reference = has_reference = None
+        if x.bases is not None:  # detail views (LLaVA-NeXT crops) start from their base view's pivot
+            base = torch.tensor([-1 if b is None else b for b in x.bases], device=first.device)
+            has_reference = base >= 0
+            src = base.clamp_min(0)
+            reference = x.features[src, first[src]]
+        return Selection(keep=greedy_diverse(x.features, x.valid, x.keep, first, mode, reference, has_reference))
 
 
 @register("todre_relevance")
