@@ -407,6 +407,8 @@ def test_errors_are_clear(llava):
         vtoken.patch(llava, "fastv", k=0)
     with pytest.raises(vtoken.ParameterError, match="none keeps every visual token"):
         vtoken.patch(llava, "none", keep=4)
+    with pytest.raises(vtoken.ParameterError, match="none keeps every visual token"):
+        vtoken.patch(llava, "none", keep=1)  # an int budget of one token, not "everything"
     p = vtoken.patch(llava, "random", keep=4)
     try:
         with pytest.raises(vtoken.AlreadyPatchedError, match="remove"):

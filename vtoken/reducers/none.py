@@ -20,7 +20,7 @@ class Identity(Reducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep not in (None, 1.0):
+        if not (self.keep is None or (isinstance(self.keep, float) and self.keep == 1.0)):  # int 1 = one token
             raise ParameterError(
                 f"none keeps every visual token and takes no budget (got keep={self.keep!r}); "
                 "drop `keep`, or pick a reducer such as 'random' or 'pool' to keep fewer tokens"
