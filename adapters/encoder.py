@@ -12,9 +12,11 @@ three exact steps:
    constant within a group, merge(x + mlp_out) = merge(x) + mlp(norm2(merge(x))): exactly the
    merged-then-MLP result of the papers.
 
-Proportional attention (log size added to every key's logits) and the padding of ragged batches
-(DyMU) go in through the attention mask each block already accepts, so the attention kernel
-(SDPA) is kept. Nothing is patched on a class.
+A reducer whose metric is the layer output (`metric_kind == "output"`, PiToMe's HF preset, as the
+authors' LLaVA patch) is planned and merged in step 3 alone, after the MLP. Proportional attention
+(log size added to every key's logits) and the padding of ragged batches (DyMU) go in through the
+attention mask each block already accepts, so the attention kernel (SDPA) is kept. Nothing is
+patched on a class.
 """
 
 from __future__ import annotations
@@ -71,14 +73,21 @@ class ViTMerger:
     """Applies an `EncoderMerge` reducer to the blocks of one tower (see module docstring)."""
 
     def __init__(self, reducer: EncoderMerge, blocks: list[BlockSpec], merge_layers: int | None = None) -> None:
-        self.reducer = reducer
+        self.configured = reducer
+        self.reducer = reducer  # for this run: `configured`, re-solved for the run's token count
         self.blocks = blocks
         self.merge_layers = len(blocks) if merge_layers is None else merge_layers
         self.state: EncoderState | None = None
+        self._sized: dict[int, EncoderMerge] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def begin(self, batch: int, tokens: int, device: torch.device) -> None:
-        """Start a tower run over `batch` images of `tokens` tokens (prefix included)."""
+        """Start a tower run over `batch` images of `tokens` tokens (prefix included). A token count
+        other than the configured one (timm `dynamic_img_size`) re-solves the reducer's schedule."""
+        patches = tokens - self.configured._prefix
+        if patches not in self._sized:
+            self._sized[patches] = self.configured.resized(patches)
+        self.reducer = self._sized[patches]
         self.state = EncoderState(
             counts=[tokens] * batch,
             size=torch.ones(batch, tokens, device=device),
@@ -92,15 +101,18 @@ class ViTMerger:
                 handles.append(spec.keys[0].register_forward_pre_hook(self._mha_pre(spec), with_kwargs=True))
             if i >= self.merge_layers:
                 continue
+            source = self.configured.metric_kind
             module, kind = spec.keys
-            if kind == "mha":
-                handles.append(module.register_forward_pre_hook(self._mha_keys(spec), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(self._key_hook(kind, spec.heads)))
-            handles.append(spec.norm2.register_forward_pre_hook(self._norm2_pre(i)))
-            handles.append(spec.mlp.register_forward_hook(self._mlp_post))
+            if source == "keys":
+                if kind == "mha":
+                    handles.append(module.register_forward_pre_hook(self._mha_keys(spec), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(self._key_hook(kind, spec.heads)))
+            if source != "output":
+                handles.append(spec.norm2.register_forward_pre_hook(self._norm2_pre(i, source == "states")))
+                handles.append(spec.mlp.register_forward_hook(self._mlp_post))
             # prepend: run before any output-capturing hook transformers may have installed earlier
-            handles.append(spec.block.register_forward_hook(self._block_post, prepend=True))
+            handles.append(spec.block.register_forward_hook(self._block_post(i, source == "output"), prepend=True))
 
     # --- hooks -------------------------------------------------------------------------------------
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -111,9 +123,10 @@ class ViTMerger:
         ragged = len(set(st.counts)) > 1
         if not ((st.merged and self.reducer.proportional) or ragged):
             return None
-        bias = torch.zeros(st.size.shape, device=st.size.device, dtype=torch.float32)
+        work = torch.promote_types(dtype, torch.float32)  # float64 towers: a float64 bias (float64 min)
+        bias = torch.zeros(st.size.shape, device=st.size.device, dtype=work)
         if self.reducer.proportional:
-            bias = st.size.clamp_min(1).log()
+            bias = st.size.to(work).clamp_min(1).log()
         bias = bias.masked_fill(~st.valid, torch.finfo(dtype).min)
         return bias.to(dtype)
 
@@ -179,17 +192,19 @@ class ViTMerger:
 
         return hook
 
-    def _norm2_pre(self, layer: int) -> Callable:
+    def _norm2_pre(self, layer: int, states: bool) -> Callable:
+        """states: the metric is norm2's input (the tokens after the attention residual)."""
+
         def hook(module: nn.Module, args: tuple) -> Any:
             st = self.state
-            if st is None or st.metric is None:
+            if st is None or (st.metric is None and not states):
                 return None
-            plan = self.reducer.plan(layer, st.metric, st.counts)
+            plan = self.reducer.plan(layer, args[0] if states else st.metric, st.counts)
             st.metric = None
             st.plan = plan
             if plan is None:
                 return None
-            return (merge(args[0], plan, st.size), *args[1:])
+            return (merge(args[0], plan, st.size, self.reducer.weighted), *args[1:])
 
         return hook
 
@@ -199,18 +214,27 @@ class ViTMerger:
             return None
         return expand(out, st.plan)
 
-    def _block_post(self, module: nn.Module, inputs: tuple, out: Any) -> Any:
-        st = self.state
-        if st is None or st.plan is None:
-            return None
-        plan, st.plan = st.plan, None
-        x = out[0] if isinstance(out, tuple) else out
-        merged = merge(x, plan, st.size)
-        st.size = merge_sizes(st.size, plan)
-        st.group = plan.dest.gather(1, st.group)
-        st.counts = list(plan.counts)
-        st.merged = True
-        return (merged, *out[1:]) if isinstance(out, tuple) else merged
+    def _block_post(self, layer: int, output: bool) -> Callable:
+        """output: plan this layer's merge here, from the block output (merge after the MLP)."""
+
+        def hook(module: nn.Module, inputs: tuple, out: Any) -> Any:
+            st = self.state
+            if st is None:
+                return None
+            x = out[0] if isinstance(out, tuple) else out
+            if output:
+                st.plan = self.reducer.plan(layer, x, st.counts)
+            if st.plan is None:
+                return None
+            plan, st.plan = st.plan, None
+            merged = merge(x, plan, st.size, self.reducer.weighted)
+            st.size = merge_sizes(st.size, plan)
+            st.group = plan.dest.gather(1, st.group)
+            st.counts = list(plan.counts)
+            st.merged = True
+            return (merged, *out[1:]) if isinstance(out, tuple) else merged
+
+        return hook
 
 
 def _combine(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,16 @@ the cache within each prompt's beams, whose states are identical, so the tag sta
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from vtoken.adapter import Adapter
+from vtoken.adapters.hf import compat
 from vtoken.errors import BudgetError, LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, decode_step_flops, layer_flops, linear_flops
 from vtoken.ledger import ImageSpan, Layout, expand_to_original, gather_rows
@@ -60,6 +61,7 @@ class DecodeState:
     orig_len: int
     batch: int
     lengths: list[int]  # real prompt tokens per sample before any reduction
+    next_pos: torch.Tensor  # (B,) or (axes, B): first position id after the prompt (original numbering)
     vtu: Any = None  # VirtualMap of the prefill (exact virtual token unmerging)
 
 
@@ -90,6 +92,10 @@ class Call:
     tail: torch.Tensor | None = None  # decode: 2-D mask columns of the tokens after the prefill
     n_new: int = 0
     signal_flops: int = 0
+    next_pos: torch.Tensor | None = None  # (B,) or (axes, B): first position after the prompt
+    done: bool = False  # the forward has returned (hooks firing now are a backward recomputation)
+    replay: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> rows kept there (grad)
+    replay_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> kwargs it was given
     text_after: list[int] = field(default_factory=list)  # host: prompt tokens after each sample's last image
     point: dict[str, Any] | None = None  # the decoder point being reduced: its layer and input
     ttv: torch.Tensor | None = None  # (B, L_orig + 1) TTV accumulated per original column
@@ -106,9 +112,16 @@ class HFVisionLanguageAdapter(Adapter):
     pos_emb_seq_dim = 1  # sequence dim of the (cos, sin) position embeddings
 
     # --- anatomy, provided by subclasses -----------------------------------------------------------
+    # attribute paths of the family's parts from the top-level model (resolved by compat.attribute)
+    paths: ClassVar[dict[str, str]] = {"language_model": "model.language_model"}
+
+    def part(self, name: str) -> nn.Module:
+        """The family's part `name` (see `paths`); UnsupportedModelError if the model lacks it."""
+        return compat.attribute(self.model, self.paths[name], self.family)
+
     def language_model(self) -> nn.Module:
         """The decoder-only LLM (transformers 5.x VLMs keep it at `model.model.language_model`)."""
-        return self.model.model.language_model
+        return self.part("language_model")
 
     def text_config(self) -> Any:
         return self.model.config.text_config
@@ -134,8 +147,8 @@ class HFVisionLanguageAdapter(Adapter):
         raise NotImplementedError
 
     def has_new_images(self, inputs: dict[str, Any]) -> bool:
-        """True when this call carries images (pixels or pre-computed features)."""
-        raise NotImplementedError
+        """True when this call carries images (pixels or pre-computed encoder outputs)."""
+        return inputs.get("pixel_values") is not None or self.names.pre_computed_vision(inputs) is not None
 
     def llm_spec(self) -> TransformerSpec:
         cfg = self.text_config()
@@ -158,7 +171,10 @@ class HFVisionLanguageAdapter(Adapter):
         rt = self.runtime
         lm = self.language_model()
         self.lm = lm
-        self.layers = lm.layers
+        self.layers = compat.attribute(lm, "layers", self.family)
+        if len(self.layers) == 0:
+            raise UnsupportedModelError(f"the {self.family} language model has no decoder layers")
+        self.names = compat.probe(self.model, lm, self.layers[0])
         self.rotary = getattr(lm, "rotary_emb", None)
         n_layers = len(self.layers)
         for layer, reducers in rt.decoder.items():
@@ -174,6 +190,7 @@ class HFVisionLanguageAdapter(Adapter):
                 raise SignalError(f"{req} asks for layer {req.layer}, but the LLM has {n_layers} layers")
         self._check_static_budgets()
         self.vtu = None
+        self.projecting = False
         self._sig = inspect.signature(self.model.forward)
         self.vision_record: tuple[int, int] | None = None
         self.call = Call()
@@ -234,30 +251,23 @@ class HFVisionLanguageAdapter(Adapter):
         inputs = self._bind(args, kwargs)
         rd = inputs.get("return_dict")
         call.return_dict = bool(getattr(module.config, "return_dict", True) if rd is None else rd)
-        cache = inputs.get("past_key_values")
+        cache = self.names.cache(inputs)
         cache_len = cache.get_seq_length() if cache is not None else 0
         if cache_len > 0:
             state = getattr(cache, STATE_ATTR, None)
-            if self.has_new_images(inputs):
-                raise LayoutError(
-                    "vtoken cannot add images to a KV cache that already holds tokens (multi-turn "
-                    "with new images); start from an empty cache, or unpatch for this call"
-                )
             if state is None:
+                if self.has_new_images(inputs):
+                    raise LayoutError(
+                        "vtoken cannot add images to a KV cache that already holds tokens (multi-turn "
+                        "with new images); start from an empty cache, or unpatch for this call"
+                    )
                 rt.new_stats()
                 return None
             call.mode = "decode"
             call.decode = state
             rt.stats.decode_steps += 1
             inputs["return_dict"] = True
-            seg0 = state.segments[0] if state.segments and state.segments[0].layer == 0 else None
-            if seg0 is not None and inputs.get("attention_mask") is None and inputs.get("position_ids") is None:
-                # the model would number the new tokens from the reduced cache's length: give it the
-                # original length through a full padding mask instead
-                x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
-                n_new = cache_len - seg0.layout.shape[1] + x.shape[1]
-                inputs["attention_mask"] = torch.ones(x.shape[0], state.orig_len + n_new, dtype=torch.long,
-                                                      device=x.device)
+            self._decode_inputs(inputs, state, cache_len)
             return (), inputs
         stats = rt.new_stats()
         mask = self.image_token_mask(inputs)
@@ -297,6 +307,51 @@ class HFVisionLanguageAdapter(Adapter):
         inputs["return_dict"] = True
         return (), inputs
 
+    def _decode_inputs(self, inputs: dict[str, Any], state: DecodeState, cache_len: int) -> None:
+        """Rewrite a cached call over a reduced cache (in place) so that it equals a full recompute.
+
+        The cache holds fewer rows than the original positions it stands for (`seen`). A caller that
+        continues from it with the whole conversation so far (generate(prev + follow-up, cache), as
+        multi-turn chat does) passes tokens the cache already holds: with a 2-D mask over the whole
+        sequence, only its last `mask length - seen` tokens are new, and only those are fed. New
+        tokens are numbered after the original prompt (not after the reduced cache's length).
+        """
+        seg0 = state.segments[0] if state.segments and state.segments[0].layer == 0 else None
+        rows0 = seg0.layout.shape[1] if seg0 is not None else state.orig_len
+        appended = cache_len - rows0  # tokens added to the cache since the prefill
+        seen = state.orig_len + appended
+        key = "input_ids" if inputs.get("input_ids") is not None else "inputs_embeds"
+        x = inputs[key]
+        b, q = x.shape[:2]
+        am = inputs.get("attention_mask")
+        if am is not None and am.dim() == 2:
+            new = am.shape[1] - seen
+            if new <= 0:
+                raise LayoutError(
+                    f"the attention_mask covers {am.shape[1]} positions but the KV cache already stands for "
+                    f"{seen} (the reduced prompt and {appended} generated tokens); pass a mask over the whole "
+                    "sequence including the new tokens"
+                )
+            if q > new:
+                for name in (key, "position_ids", *compat.TOKEN_TYPE_INPUTS):
+                    if inputs.get(name) is not None and name != key:
+                        inputs[name] = inputs[name][..., -new:]
+                inputs[key] = x[:, -new:]
+                q = new
+        new_images = self.image_token_mask(inputs) if key == "input_ids" else None
+        if new_images is not None and bool(new_images.any()):
+            raise LayoutError(
+                "vtoken cannot add images to a KV cache that already holds tokens (multi-turn with new "
+                "images); start from an empty cache, or unpatch for this call"
+            )
+        for name in compat.VISION_INPUTS:  # the images of the cached prompt: already encoded
+            inputs.pop(name, None)
+        if inputs.get("attention_mask") is None and inputs.get("position_ids") is None and seg0 is not None:
+            inputs["attention_mask"] = torch.ones(b, seen + q, dtype=torch.long, device=x.device)
+        if inputs.get("position_ids") is None:
+            steps = appended + torch.arange(q, device=x.device)
+            inputs["position_ids"] = state.next_pos.to(x.device)[..., None] + steps
+
     @staticmethod
     def _runs(img: torch.Tensor) -> list[tuple[int, int, int]]:
         """(sample, start, length) of each run of image tokens in a host (B, L) mask, in order."""
@@ -334,13 +389,14 @@ class HFVisionLanguageAdapter(Adapter):
             lm_rows = logits.shape[0] * logits.shape[1]
             if call.segments and logits.shape[1] == final.shape[1]:
                 logits = expand_to_original(logits, final)
-            cache = output.past_key_values
+            cache = self.names.output_cache_of(output)
             if cache is not None:
                 exact = self.vtu is not None and self.vtu.mode == "exact"
                 segments = call.segments
                 if self.vtu is not None and not exact:  # expand: the cache holds the virtual (original) rows
                     segments = [s for s in segments if s.layer != 0]
                 state = DecodeState(segments, final.orig_len, final.shape[0], list(call.lengths),
+                                    call.next_pos,
                                     vtu=call.vtu if exact else None)
                 setattr(cache, STATE_ATTR, state)
             if call.logits_to_keep is not None:
@@ -353,6 +409,7 @@ class HFVisionLanguageAdapter(Adapter):
                     **call.loss_kwargs,
                 )
             self._prefill_stats(lm_rows)
+            call.done = True  # what runs again now (checkpoint recomputation in backward) must not re-reduce
         elif call.mode == "decode":
             self._decode_stats(output.logits.shape[1])
         elif call.mode == "off" and self.vision_record is not None:
@@ -385,11 +442,12 @@ class HFVisionLanguageAdapter(Adapter):
             pos = torch.arange(length, device=embeds.device)[None]
         pos = pos.expand(*pos.shape[:-2], b, length)
         call.layout, call.pos = layout, pos
+        call.next_pos = torch.where(call.valid, pos, -1).amax(-1) + 1  # per axis of multi-axis ids
         rt = self.runtime
         if not rt.boundary:
             return None
         res = run_point(rt.boundary, layout, embeds, call.spans, self._signal, rt.timer,
-                        project=self.projector())
+                        project=self._side_projector())
         res.layout.entry = [c - s.pinned for c, s in zip(res.layout.counts, call.spans)]
         call.layout = res.layout
         if not res.changed:
@@ -408,7 +466,7 @@ class HFVisionLanguageAdapter(Adapter):
         call = self.call
         st = call.decode
         assert st is not None
-        cache = kwargs.get("past_key_values")
+        cache = self.names.cache(kwargs, "lm")
         embeds = kwargs.get("inputs_embeds")
         if cache is None or embeds is None:
             raise LayoutError("decoding a reduced prefill needs the KV cache and inputs_embeds")
@@ -489,10 +547,20 @@ class HFVisionLanguageAdapter(Adapter):
         call = self.call
         rt = self.runtime
         hidden = args[0] if args else kwargs["hidden_states"]
+        if call.done:  # gradient checkpointing re-runs the layer in backward: repeat the forward's rewrite
+            return self._replay(i, args, kwargs, hidden)
+        reduced_here: torch.Tensor | None = None
         if i in rt.decoder and call.layout is not None:
             cur = call.seg_kwargs if call.seg_kwargs is not None else kwargs
             call.point = {"layer": i, "hidden": hidden, "position_embeddings": cur["position_embeddings"]}
-            res = run_point(rt.decoder[i], call.layout, hidden, call.spans, self._signal, rt.timer, layer=i)
+            grad = torch.is_grad_enabled()
+            with torch.no_grad():  # scoring and selection: no autograd graph (the kept rows are gathered below)
+                res = run_point(rt.decoder[i], call.layout, hidden, call.spans, self._signal, rt.timer, layer=i)
+            if grad and res.changed:
+                if res.merged:
+                    raise LayoutError(f"{rt.decoder[i][0].name} merges token values inside the LLM, which vtoken "
+                                      "does not differentiate; run it under torch.no_grad()")
+                res = dataclasses.replace(res, hidden=gather_rows(hidden, res.src, fill=0))
             call.point = None
             call.layout = res.layout
             if res.changed:
@@ -505,10 +573,9 @@ class HFVisionLanguageAdapter(Adapter):
                     pe = self.rotary(res.hidden, pos)
                 else:
                     pe = tuple(gather_rows(t, res.src, dim=self.pos_emb_seq_dim) for t in cur["position_embeddings"])
-                mask = create_causal_mask(
-                    config=self.text_config(), inputs_embeds=res.hidden, attention_mask=res.layout.valid,
-                    past_key_values=kwargs.get("past_key_values"), position_ids=pos if pos.dim() == 2 else None,
-                    layer_idx=i,
+                mask = self.names.causal_mask(
+                    self.text_config(), res.hidden, res.layout.valid, self.names.cache(kwargs, "layer"),
+                    position_ids=pos if pos.dim() == 2 else None, layer_idx=i,
                 )
                 shift = _add(prev.dec_shift if prev is not None else None, res.dec_shift)
                 call.segments.append(Segment(i, res.layout, shift, new_rope))
@@ -522,7 +589,11 @@ class HFVisionLanguageAdapter(Adapter):
                     seg["position_ids"] = layer_pos - res.pos_shift if res.pos_shift is not None else layer_pos
                 call.seg_kwargs = seg
                 hidden = res.hidden
+                reduced_here = res.src
+        if i in rt.decoder and torch.is_grad_enabled():  # what a recomputation must repeat
+            call.replay[i] = reduced_here
         if call.seg_kwargs is not None:
+            call.replay_kwargs[i] = call.seg_kwargs
             kwargs = dict(kwargs, **call.seg_kwargs)
         if i in self._signal_layers():
             call.captures.setdefault(i, {}).update(
@@ -534,6 +605,21 @@ class HFVisionLanguageAdapter(Adapter):
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
+    def _replay(self, i: int, args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> Any:
+        """Layer i's rewrite from the forward, applied to the recomputation's (identical) inputs."""
+        call = self.call
+        src = call.replay.get(i)
+        if src is not None:
+            hidden = gather_rows(hidden, src, fill=0)
+        seg = call.replay_kwargs.get(i)
+        if seg is None and src is None:
+            return None
+        if seg is not None:
+            kwargs = dict(kwargs, **seg)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=hidden)
+
     def _layer_decode(self, i: int, args: tuple, kwargs: dict[str, Any]) -> Any:
         call = self.call
         st = call.decode
@@ -542,11 +628,9 @@ class HFVisionLanguageAdapter(Adapter):
             hidden = args[0] if args else kwargs["hidden_states"]
             b = hidden.shape[0]
             pos = call.orig_pos if seg.dec_shift is None else _shift(call.orig_pos, seg.dec_shift)
-            mask = create_causal_mask(
-                config=self.text_config(), inputs_embeds=hidden,
-                attention_mask=self._decode_mask2d(seg, b, hidden.device),
-                past_key_values=kwargs.get("past_key_values"), position_ids=pos if pos.dim() == 2 else None,
-                layer_idx=i,
+            mask = self.names.causal_mask(
+                self.text_config(), hidden, self._decode_mask2d(seg, b, hidden.device),
+                self.names.cache(kwargs, "layer"), position_ids=pos if pos.dim() == 2 else None, layer_idx=i,
             )
             call.seg_kwargs = {"attention_mask": mask}
             layer_pos = kwargs.get("position_ids")
@@ -573,11 +657,13 @@ class HFVisionLanguageAdapter(Adapter):
 
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             call = self.call
-            if call.mode != "prefill" or call.layout is None:
-                return
+            if call.mode != "prefill" or call.layout is None or call.done:
+                return  # done: a gradient-checkpointing recomputation in backward, after the forward
             t_in = args[0] if args else kwargs["hidden_states"]
             t_out = output[0] if isinstance(output, tuple) else output
-            t_in, t_out = t_in.float(), t_out.float()
+            # a selection signal, not part of the model's function: no autograd graph (which would
+            # also make a checkpoint's recomputation save fewer tensors than the forward did)
+            t_in, t_out = t_in.detach().float(), t_out.detach().float()
             mag = t_out.norm(dim=-1) / t_in.norm(dim=-1).clamp_min(1e-12)
             cos = torch.nn.functional.cosine_similarity(t_out, t_in, dim=-1)
             direction = 1 - (cos.abs() if variant == "abs" else cos)
@@ -593,7 +679,7 @@ class HFVisionLanguageAdapter(Adapter):
 
     def _proj_hook(self, i: int, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self.call.mode == "prefill":
+            if self.call.mode == "prefill" and not self.call.done:  # not in a checkpoint recomputation
                 self.call.captures.setdefault(i, {})[name] = output
 
         return hook
@@ -622,6 +708,22 @@ class HFVisionLanguageAdapter(Adapter):
     def projector(self):
         """Callable mapping vision features into the LLM embedding space, if the family has one."""
         return None
+
+    def _side_projector(self) -> Any:
+        """The projector as a reducer calls it (VisionZip's contextual tokens). The call is vtoken's
+        own: `projecting` tells the vision capture not to record it as the tower's output."""
+        module = self.projector()
+        if module is None:
+            return None
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            self.projecting = True
+            try:
+                return module(x)
+            finally:
+                self.projecting = False
+
+        return project
 
     def prepare_vision(self, embeds: torch.Tensor) -> None:
         """Called at the start of each prefill: locate this call's images among captured vision signals."""
@@ -750,11 +852,7 @@ class HFVisionLanguageAdapter(Adapter):
 
     def _rope_fn(self, attn: nn.Module):
         """Apply the layer's rotary embedding to one (B, H, L, hd) tensor."""
-        import sys
-
-        apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-        if apply is None:
-            raise SignalError(f"cannot find the rotary embedding function of {type(attn).__name__}")
+        apply = self.names.rope
         return lambda x, cos, sin: apply(x, x, cos, sin)[0]
 
     # --- statistics --------------------------------------------------------------------------------
@@ -775,6 +873,7 @@ class HFVisionLanguageAdapter(Adapter):
         st.tokens_per_layer = [lens for lens, _ in per_layer]
         st.visual_per_layer = [vis for _, vis in per_layer]
         st.visual_tokens = list(per_layer[0][1]) if per_layer else [0] * b
+        st.pinned_tokens = self._per_sample([sp.pinned for sp in call.spans], b)
         if call.vtu is not None:  # attention over the virtual (unmerged) rows, the rest on unique rows
             virtual = call.lengths
             st.add_flops("llm_prefill", sum(layer_flops(spec, n, queries=v) for lens, _ in per_layer

@@ -13,7 +13,7 @@ features and passes).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.adapters.vtu import VirtualUnmerge
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
-from vtoken.ops.attention import fingerprint, received_attention
+from vtoken.ops.attention import fingerprint, received_attention, received_attention_flops
 from vtoken.reducers.base import ModelInfo, SignalRequest
 from vtoken.reducers.merging import MergedGroups
 
@@ -40,8 +40,11 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return type(model).__name__ == "LlavaForConditionalGeneration" and hasattr(model, "model")
 
     # --- anatomy ------------------------------------------------------------------------------------
+    paths: ClassVar[dict[str, str]] = {"language_model": "model.language_model", "vision_tower": "model.vision_tower",
+                                       "projector": "model.multi_modal_projector"}
+
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return self.part("vision_tower")
 
     def grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config
@@ -64,10 +67,6 @@ class LlavaAdapter(HFVisionLanguageAdapter):
 
     def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
         return [self.grid()] * len(images)
-
-    def has_new_images(self, inputs: dict[str, Any]) -> bool:
-        mm = inputs.get("mm_encoder_outputs") or {}
-        return inputs.get("pixel_values") is not None or mm.get("image") is not None
 
     def model_info(self) -> ModelInfo:
         h, w = self.grid()
@@ -136,7 +135,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             attn = tower.encoder.layers[layer].self_attn
             for name in ("q_proj", "k_proj"):
                 self.handles.append(getattr(attn, name).register_forward_hook(self._capture(f"{name}{layer}")))
-        proj = self.model.model.multi_modal_projector
+        proj = self.part("projector")
         self.handles.append(proj.register_forward_hook(self._capture_projector))
 
     def _patch_slots(self) -> torch.Tensor:
@@ -160,7 +159,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return hook
 
     def _capture_projector(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
-        if self.vision_capture is None:
+        if self.vision_capture is None or self.projecting:  # vtoken's own projection (VisionZip): not the tower's
             return None
         features = inputs[0]
         if self.merger is not None and self.merger.state is not None:
@@ -225,14 +224,15 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         if rows is not None:
             q, k = q[rows], k[rows]
         attn = self.vision_tower().encoder.layers[layer].self_attn
-        if req.kind == "vision_attention":
+        if req.kind == "vision_attention":  # a side path over the tower's rows: its cost is the reducer's
+            self.call.signal_flops += received_attention_flops(q, k, req.query)
             return received_attention(q, k, attn.num_heads, attn.scale, req.query)[:, 1:]
         if req.kind == "vision_keys":
             return k.view(*k.shape[:2], attn.num_heads, -1).mean(2)[:, 1:]
         raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
 
     def projector(self):
-        return self.model.model.multi_modal_projector
+        return self.part("projector")
 
     def vision_spec(self) -> TransformerSpec:
         vc = self.model.config.vision_config

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vtoken.adapter import register_adapter
+from vtoken.adapters.hf import compat
 from vtoken.adapters.llava import LlavaAdapter
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.ledger import ImageSpan
@@ -62,9 +63,10 @@ class LlavaNextAdapter(LlavaAdapter):
         for r in self.runtime.encoder:
             if r.vtu is not None:
                 raise UnsupportedModelError("vtu (virtual token unmerging) is not supported for LLaVA-NeXT")
+        self._anyres = compat.anyres_helpers()
         super().install()
-        base = self.model.model
-        original = base.get_image_features
+        base = compat.attribute(self.model, "model", self.family)
+        original = compat.attribute(base, "get_image_features", self.family)
         sig = inspect.signature(original)
 
         # Why a wrapper: the image sizes that lay out the crops only reach `get_image_features`,
@@ -82,12 +84,9 @@ class LlavaNextAdapter(LlavaAdapter):
     # --- layout of one image --------------------------------------------------------------------------
     def _layout(self, size: tuple[int, int]) -> dict[str, Any]:
         """Crops, placeholder count and the crop grid's (crop, patch) source of every position."""
-        from transformers.models.llava_next.modeling_llava_next import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-            unpad_image,
-        )
-
+        get_anyres_image_grid_shape = self._anyres.grid_shape
+        image_size_to_num_patches = self._anyres.num_patches
+        unpad_image = self._anyres.unpad
         cfg = self.model.config
         tile = cfg.vision_config.image_size
         side = tile // cfg.vision_config.patch_size

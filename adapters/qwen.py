@@ -20,19 +20,20 @@ pivot) is served by the mean over all queries, documented as vtoken's substitute
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from vtoken.adapter import register_adapter
+from vtoken.adapters.hf import compat
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, stack_flops
-from vtoken.ops.attention import fingerprint, received_attention
+from vtoken.ops.attention import fingerprint, received_attention, received_attention_flops
 from vtoken.reducers.base import ModelInfo, SignalRequest
 
+MAX_RUNS = 8  # tower runs kept while no prefill has used them (the image and video runs of a prompt)
 FAMILIES = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
 
 
@@ -52,8 +53,10 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         return type(model).__name__ in FAMILIES and hasattr(model, "model")
 
     # --- anatomy ------------------------------------------------------------------------------------
+    paths: ClassVar[dict[str, str]] = {"language_model": "model.language_model", "visual": "model.visual"}
+
     def visual(self) -> nn.Module:
-        return self.model.model.visual
+        return self.part("visual")
 
     @property
     def unit(self) -> int:
@@ -63,10 +66,6 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers),
                          vision_layers=len(self.visual().blocks), feature_layer=len(self.visual().blocks) - 1,
                          has_cls=False, vision_tokens=None, prefix_tokens=0)
-
-    def has_new_images(self, inputs: dict[str, Any]) -> bool:
-        mm = inputs.get("mm_encoder_outputs") or {}
-        return inputs.get("pixel_values") is not None or mm.get("image") is not None
 
     def _grids_from(self, thw: torch.Tensor) -> list[tuple[int, int]]:
         m = self.unit
@@ -94,11 +93,11 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         thw = inputs.get("image_grid_thw")
         if thw is not None:
             return self._grids_from(thw)
-        # generate() encodes images first and drops image_grid_thw: use the matched tower run
-        cap, rows = self.vision_capture or {}, self._vision_rows
-        if rows is None or "grids" not in cap:
+        # generate() encodes images first and drops image_grid_thw: use the matched tower runs
+        rows = self._vision_rows
+        if rows is None:
             raise LayoutError("image grids unknown: pass image_grid_thw, or pixel_values to the patched model")
-        return [cap["grids"][i] for i in rows.tolist()]
+        return [self.vision_runs[r]["grids"][i] for r, i in rows]
 
     # --- vision tower: capture, matching, signals ---------------------------------------------------
     def install(self) -> None:
@@ -118,8 +117,15 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
 
     def install_vision(self) -> None:
         visual = self.visual()
-        self.vision_capture: dict[str, Any] | None = None
-        self._vision_rows: torch.Tensor | None = None
+        blocks = compat.attribute(visual, "blocks", self.family)
+        self._vision_rope = compat.qwen_vision_rope(compat.attribute(blocks[0], "attn", self.family))
+        self._window_index = compat.vision_window_index() if self.family == "qwen2_5_vl" else None
+        # Every tower run since the last prefill that used them: generate() encodes a prompt's images
+        # and its videos in separate runs before the prefill (and not again in later uncached steps).
+        self.vision_runs: list[dict[str, Any]] = []
+        self._runs_used = False
+        self.vision_capture: dict[str, Any] | None = None  # the run in progress (its hooks write here)
+        self._vision_rows: list[tuple[int, int]] | None = None  # (run, image) of each prompt image
         self.handles.append(visual.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
         self.handles.append(visual.register_forward_hook(self._vision_post))
         reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_")]
@@ -135,7 +141,10 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         pixels = args[0] if args else kwargs.get("hidden_states")
         if thw is None or pixels is None:
             return
+        if self._runs_used:  # a new prompt's encoding starts
+            self.vision_runs, self._runs_used = [], False
         self.vision_capture = {"grids": self._grids_from(thw), "thw": thw, "patches": pixels.shape[0]}
+        self.vision_runs = [*self.vision_runs[-(MAX_RUNS - 1):], self.vision_capture]
         self.vision_record = (len(self.vision_capture["grids"]), pixels.shape[0])
 
     def _vision_post(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -168,34 +177,35 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         """Match this prefill's images to the images of the last tower run by their features."""
         needs = any(r.kind.startswith("vision_") for r in self.runtime.signals)
         if not needs and self.call.inputs.get("image_grid_thw") is not None:
+            self._runs_used = True
             return
-        cap = self.vision_capture
-        if not cap or "tokens" not in cap:
+        runs = [cap for cap in self.vision_runs if "tokens" in cap]
+        if not runs:
             raise SignalError("the vision tower did not run on these images while patched; pass pixel_values "
                               "(with image_grid_thw) to the patched model")
         d = embeds.shape[-1]
         flat = embeds.reshape(-1, d)
-        theirs = [fingerprint(t[None]) for t in cap["tokens"]]
+        theirs = [(r, i, t.shape[0], fingerprint(t[None])) for r, cap in enumerate(self.vision_runs)
+                  for i, t in enumerate(cap.get("tokens", []))]
         rows = []
         for sample, start, n in self.call.images:
             mine = fingerprint(flat[sample * embeds.shape[1] + start: sample * embeds.shape[1] + start + n][None])
-            match = [i for i, (t, fp) in enumerate(zip(cap["tokens"], theirs))
-                     if t.shape[0] == n and bool(((mine - fp.to(mine.device)).abs() <= 1e-6 * (fp.abs() + 1)).all())]
+            match = [(r, i) for r, i, m, fp in theirs
+                     if m == n and bool(((mine - fp.to(mine.device)).abs() <= 1e-6 * (fp.abs() + 1)).all())]
             if not match:
-                raise SignalError("the images of this call do not match the last vision-tower run; pass pixel_values")
-            rows.append(match[0])
-        self._vision_rows = torch.tensor(rows)
+                raise SignalError("the images of this call do not match the vision-tower runs since the last "
+                                  "prompt; pass pixel_values")
+            rows.append(match[-1])  # the latest run holding it
+        self._vision_rows = rows
+        self._runs_used = True
 
-    def _unit_order(self) -> list[torch.Tensor]:
-        """Per captured image, the raster index of each merge unit in the tower's sequence order."""
-        cap = self.vision_capture
+    def _unit_order(self, cap: dict[str, Any]) -> list[torch.Tensor]:
+        """Per image of a tower run, the raster index of each merge unit in the tower's sequence order."""
         sizes = [h * w for h, w in cap["grids"]]
         if self.family == "qwen2_vl":
             return [torch.arange(n) for n in sizes]
-        from transformers.vision_utils import get_vision_window_index
-
         visual = self.visual()
-        window_index, _ = get_vision_window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
+        window_index, _ = self._window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
         out, off = [], 0
         for n in sizes:
@@ -203,26 +213,32 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
             off += n
         return out
 
-    def _window_lengths(self) -> list[list[int]] | None:
-        """Qwen2.5-VL: per captured image, the lengths (patches) of its attention windows; else None."""
-        cap = self.vision_capture or {}
+    def _window_lengths(self, cap: dict[str, Any]) -> list[list[int]] | None:
+        """Qwen2.5-VL: per image of a tower run, the lengths (patches) of its attention windows; else None."""
         if self.family != "qwen2_5_vl" or "thw" not in cap:
             return None
-        from transformers.vision_utils import get_vision_window_index
-
         visual = self.visual()
-        _, cu = get_vision_window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
+        _, cu = self._window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
                                         window_size=visual.window_size, patch_size=visual.patch_size)
         unit = self.unit**2
         return _window_sizes(torch.as_tensor(cu), [h * w * unit for h, w in cap["grids"]])
 
     def vision_signal(self, req: SignalRequest) -> torch.Tensor:
-        cap = self.vision_capture or {}
         rows = self._vision_rows
         if rows is None:
             raise SignalError(f"{req} was not captured in this forward")
+        per_run = {r: self._run_signal(self.vision_runs[r], req) for r in sorted({r for r, _ in rows})}
+        chosen = [per_run[r][i] for r, i in rows]
+        n_max = max(x.shape[0] for x in chosen)
+        out = chosen[0].new_zeros(len(chosen), n_max, *chosen[0].shape[1:])
+        for i, x in enumerate(chosen):
+            out[i, : x.shape[0]] = x
+        return out
+
+    def _run_signal(self, cap: dict[str, Any], req: SignalRequest) -> list[torch.Tensor]:
+        """The signal of every image of one tower run, in raster order."""
         sizes = [h * w for h, w in cap["grids"]]
-        order = self._unit_order()
+        order = self._unit_order(cap)
         per_image: list[torch.Tensor] = []
         unit = self.unit**2
         if req.kind == "vision_features":
@@ -236,34 +252,38 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
             attn = self.visual().blocks[layer].attn
             heads = attn.num_heads
             q, k, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).unbind(1)
-            apply = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            apply = self._vision_rope
             q, k = apply(q, k, *rope)
             off = 0
             for n, o in zip(sizes, order):
                 qi, ki = q[off * unit:(off + n) * unit], k[off * unit:(off + n) * unit]
                 if req.kind == "vision_attention":  # no CLS: "cls" falls back to the mean over all queries
-                    score = received_attention(qi.reshape(1, n * unit, -1), ki.reshape(1, n * unit, -1), heads,
-                                               attn.scaling, "all")[0]
+                    qf, kf = qi.reshape(1, n * unit, -1), ki.reshape(1, n * unit, -1)
+                    self.call.signal_flops += received_attention_flops(qf, kf)  # the reducer's side path
+                    score = received_attention(qf, kf, heads, attn.scaling, "all")[0]
                     per_image.append(_to_raster(score.view(n, unit).mean(1), o))
                 elif req.kind == "vision_keys":
                     per_image.append(_to_raster(ki.mean(1).view(n, unit, -1).mean(1), o))
                 else:
                     raise SignalError(f"the {self.family} adapter does not provide signal {req.kind!r}")
                 off += n
-        chosen = [per_image[i] for i in rows.tolist()]
-        n_max = max(x.shape[0] for x in chosen)
-        out = chosen[0].new_zeros(len(chosen), n_max, *chosen[0].shape[1:])
-        for i, x in enumerate(chosen):
-            out[i, : x.shape[0]] = x
-        return out
+        return per_image
 
     def projector(self):
         return self.visual().merger.mlp
 
     # --- FLOPs ----------------------------------------------------------------------------------------
     def vision_flops(self) -> tuple[int, int]:
+        runs = [cap for cap in self.vision_runs if not cap.get("counted")]
+        tower = proj = 0
+        for cap in runs:
+            t, p = self._run_flops(cap)
+            cap["counted"] = True
+            tower, proj = tower + t, proj + p
+        return tower, proj
+
+    def _run_flops(self, cap: dict[str, Any]) -> tuple[int, int]:
         visual = self.visual()
-        cap = self.vision_capture or {}
         grids = cap.get("grids", [])
         cfg = self.model.config.vision_config
         blk = visual.blocks[0]
@@ -276,7 +296,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                                layers=len(visual.blocks))
         unit = self.unit**2
         patch_in = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
-        windows = self._window_lengths()
+        windows = self._window_lengths(cap)
         full = set(getattr(visual, "fullatt_block_indexes", range(spec.layers)))
         a = spec.attn_width
         tower = proj = 0

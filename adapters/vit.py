@@ -3,6 +3,11 @@
 Only the encoder stage applies (ToMe / PiToMe / DyMU merging inside the blocks); the output keeps
 its shape (classification logits, pooled embeddings). Statistics: tokens entering each block and
 the tower's FLOPs.
+
+Ragged batches (DyMU leaves each image its own count; shorter rows are padded at the end): the
+blocks mask the padding in attention; pooling over tokens is kept independent of the batch too —
+average / max pooling sees every padded row replaced by the mean of the image's pooled rows (which
+changes neither the mean nor the max), attention pooling (timm MAP) gets the padding masked out.
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ class BareViTAdapter(Adapter):
         """Module whose forward output is the patch tokens (the start of every forward)."""
         raise NotImplementedError
 
+    def tokens_of(self, out: torch.Tensor) -> int:
+        """Patch tokens of this run, from the start module's output."""
+        raise NotImplementedError
+
+    def install_pooling(self) -> None:
+        """Hooks that keep the tower's pooling independent of ragged-batch padding."""
+
     def spec(self) -> TransformerSpec:
         raise NotImplementedError
 
@@ -59,8 +71,10 @@ class BareViTAdapter(Adapter):
             raise UnsupportedModelError("vtu (virtual token unmerging) applies inside an LLM; this model has none")
         self.merger = ViTMerger(rt.encoder[0], self.blocks())
         self.merger.install(self.handles)
+        self._patches = self.patches()
         self.handles.append(self.start_module().register_forward_hook(self._start))
         self.handles.append(self.tower().register_forward_hook(self._end))
+        self.install_pooling()
 
     def tower(self) -> nn.Module:
         """The module whose forward runs the whole tower."""
@@ -68,7 +82,40 @@ class BareViTAdapter(Adapter):
 
     def _start(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         self.runtime.new_stats()
-        self.merger.begin(out.shape[0], self.patches() + self.prefix(), out.device)
+        self._patches = self.tokens_of(out)
+        self.merger.begin(out.shape[0], self._patches + self.prefix(), out.device)
+
+    def _ragged_rows(self, x: torch.Tensor, skip: int) -> torch.Tensor | None:
+        """(B, N) real rows of `x`, the last N = T - skip tower slots, if this run's batch is ragged."""
+        st = self.merger.state
+        if st is None or len(set(st.counts)) < 2 or x.dim() != 3 or x.shape[1] + skip != st.size.shape[1]:
+            return None
+        return st.valid[:, skip:]
+
+    def _neutral_pad(self, x: torch.Tensor, start: int) -> torch.Tensor | None:
+        """x (B, T, d) with its padding rows set to the mean of the image's rows from `start` on: the mean
+        and the max over those rows stay what the image alone gives."""
+        real = self._ragged_rows(x, 0)
+        if real is None:
+            return None
+        pooled = real.clone()
+        pooled[:, :start] = False
+        w = pooled.to(x.dtype)[..., None]
+        mean = (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+        return torch.where(real[..., None], x, mean.expand_as(x))
+
+    def _mask_attn_pool(self, skip: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+            x = args[0] if args else kwargs.get("x")
+            real = self._ragged_rows(x, skip) if x is not None else None
+            if real is None:
+                return None
+            bias = torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_fill(~real, torch.finfo(x.dtype).min)
+            mask = bias[:, None, None, :]
+            old = kwargs.get("attn_mask")
+            return args, dict(kwargs, attn_mask=mask if old is None else old + mask)
+
+        return hook
 
     def _end(self, module: nn.Module, inputs: tuple, out: Any) -> None:
         st = self.merger.state
@@ -80,6 +127,12 @@ class BareViTAdapter(Adapter):
         stats.vision_tokens = [sum(t) / len(t) for t in st.entering]
         stats.add_flops("vision", sum(stack_flops(self.spec(), list(t)) for t in per_image)
                         + self.embed_flops(len(per_image)))
+
+    def _pad_hook(self, start: int):
+        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> Any:
+            return self._neutral_pad(out, start) if isinstance(out, torch.Tensor) else None
+
+        return hook
 
 
 def _vit_spec(d: int, heads: int, mlp: int, layers: int) -> TransformerSpec:
@@ -116,6 +169,18 @@ class TimmViTAdapter(BareViTAdapter):
     def start_module(self) -> nn.Module:
         return self.model.patch_embed
 
+    def tokens_of(self, out: torch.Tensor) -> int:
+        # (B, N, C), or (B, H, W, C) with dynamic_img_size=True (any image size the patch grid allows)
+        return out.shape[1] * out.shape[2] if out.dim() == 4 else out.shape[1]
+
+    def install_pooling(self) -> None:
+        m = self.model
+        start = 0 if getattr(m, "pool_include_prefix", False) else m.num_prefix_tokens
+        if getattr(m, "attn_pool", None) is not None:  # MAP: mask the padding in its attention
+            self.handles.append(m.attn_pool.register_forward_pre_hook(self._mask_attn_pool(start), with_kwargs=True))
+        elif getattr(m, "global_pool", "token") not in ("token", ""):  # avg / max / avgmax over the tokens
+            self.handles.append(m.norm.register_forward_hook(self._pad_hook(start)))
+
     def spec(self) -> TransformerSpec:
         blk = self.model.blocks[0]
         d = self.model.embed_dim
@@ -124,7 +189,7 @@ class TimmViTAdapter(BareViTAdapter):
     def embed_flops(self, images: int) -> int:
         pe = self.model.patch_embed
         ps = pe.patch_size[0] if isinstance(pe.patch_size, tuple) else pe.patch_size
-        return images * patch_embed_flops(self.patches(), pe.proj.in_channels, ps, self.model.embed_dim)
+        return images * patch_embed_flops(self._patches, pe.proj.in_channels, ps, self.model.embed_dim)
 
 
 @register_adapter
@@ -168,8 +233,23 @@ class OpenClipAdapter(BareViTAdapter):
     def start_module(self) -> nn.Module:
         return self.visual.conv1
 
+    def tokens_of(self, out: torch.Tensor) -> int:
+        return out.shape[-2] * out.shape[-1]  # (B, C, gh, gw)
+
     def tower(self) -> nn.Module:
         return self.visual
+
+    def install_pooling(self) -> None:
+        vis = self.visual
+        if getattr(vis, "attn_pool", None) is not None:
+            if self.merger.reducer.adaptive:
+                raise UnsupportedModelError(
+                    f"{self.merger.reducer.name} gives each image its own token count, and this open_clip tower "
+                    "pools with attention over all tokens (the padding would leak in); use tome or pitome"
+                )
+        elif getattr(vis, "pool_type", "tok") == "avg":  # mean of the patch tokens (after / before ln_post)
+            after = vis.transformer if getattr(vis, "final_ln_after_pool", False) else vis.ln_post
+            self.handles.append(after.register_forward_hook(self._pad_hook(1)))
 
     def spec(self) -> TransformerSpec:
         blk = self.visual.transformer.resblocks[0]
@@ -178,4 +258,4 @@ class OpenClipAdapter(BareViTAdapter):
 
     def embed_flops(self, images: int) -> int:
         conv = self.visual.conv1
-        return images * patch_embed_flops(self.patches(), conv.in_channels, conv.kernel_size[0], conv.out_channels)
+        return images * patch_embed_flops(self._patches, conv.in_channels, conv.kernel_size[0], conv.out_channels)

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import create_causal_mask
+
+from vtoken.adapters.hf import compat
 
 if TYPE_CHECKING:
     from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
@@ -80,7 +80,7 @@ class VirtualUnmerge:
             else:
                 _OWNERS[attn] = self.adapter
         if self.mode == "exact":
-            AttentionInterface.register(EXACT, exact_attention)
+            compat.register_attention(EXACT, exact_attention)
             cfg = self.adapter.text_config()
             self._saved_impl = cfg._attn_implementation
             cfg._attn_implementation = EXACT
@@ -105,9 +105,10 @@ class VirtualUnmerge:
         placeholder = hidden[:, :1].expand(b, lv, hidden.shape[-1])  # shape only: projections read `hidden`
         if call.vtu_rope is None:
             call.vtu_rope = self.adapter.rotary(hidden, vmap.pos)
-            call.vtu_mask = create_causal_mask(
-                config=self.adapter.text_config(), inputs_embeds=placeholder, attention_mask=vmap.valid,
-                past_key_values=kwargs.get("past_key_values"), position_ids=vmap.pos, layer_idx=module.layer_idx,
+            names = self.adapter.names
+            call.vtu_mask = names.causal_mask(
+                self.adapter.text_config(), placeholder, vmap.valid, names.cache(kwargs, "layer"),
+                position_ids=vmap.pos, layer_idx=module.layer_idx,
             )
         kwargs = dict(kwargs, position_embeddings=call.vtu_rope, attention_mask=call.vtu_mask)
         if args:
@@ -154,6 +155,8 @@ class _Restore:
             self.cfg._attn_implementation = self.impl
         for m in self.modules:
             _OWNERS.pop(m, None)
+        if not _OWNERS:  # the last patch using it is gone: take the global registration back
+            compat.unregister_attention(EXACT)
 
 
 def _rope_cs(adapter: HFVisionLanguageAdapter, like: torch.Tensor,

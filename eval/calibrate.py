@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,18 @@ from PIL import Image
 import vtoken
 from vtoken.reducers.merging import DyMUCalibration
 
-# DyMU's LLaVA-1.5 presets leave 72 / 192 / 384 of 576 tokens (r = 21 / 16 / 8 per layer)
-PRESETS = {"low": 72 / 576, "mid": 192 / 576, "high": 384 / 576}
+# DyMU's presets (MikeWangWZHL/dymu, src/open_clip/model_configs/ViT-L-14-336-tome-{72,192,384}out.json):
+# r_total = 504 / 384 / 192 merges of CLIP-L/14-336's 576 tokens, spread evenly over all 24 layers
+# (r = 21 / 16 / 8 per layer). The config names count all 24 layers (576 - 504 = 72 ...); LLaVA-1.5
+# reads layer -2, after 23 of them, so 93 / 208 / 392 tokens reach its LLM. Stored as r_total / tokens.
+PRESETS = {"low": 504 / 576, "mid": 384 / 576, "high": 192 / 576}
+
+
+@dataclass(frozen=True)
+class RTotal:
+    """A DyMU preset: `merges` in total over all layers of the tower, spread evenly (DyMU's r_total)."""
+
+    merges: int
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -53,26 +64,34 @@ def _tower_call(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, images: list[Image.Image], targets: dict[str, int], processor: Any = None,
-              batch_size: int = 16, image_size: int = 336) -> dict[str, Any]:
-    """Thresholds per preset name -> {"target", "r", "thresholds", "images", "mean_tokens"}."""
+def calibrate(model: torch.nn.Module, images: list[Image.Image], targets: dict[str, int | RTotal],
+              processor: Any = None, batch_size: int = 16, image_size: int = 336) -> dict[str, Any]:
+    """Thresholds per preset name -> {"target", "r", "thresholds", "images", "mean_tokens"}.
+
+    targets: per name, tokens that should leave the last merging layer (vtoken's even schedule), or an
+    `RTotal` (DyMU's presets: r_total merges spread over all layers; "target" is then what the
+    schedule leaves at the last merging layer, e.g. 93 / 208 / 392 on LLaVA-1.5)."""
     run = _tower_call(model)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     batches = [_pixels(images[i:i + batch_size], processor, image_size) for i in range(0, len(images), batch_size)]
     out: dict[str, Any] = {}
     for name, target in targets.items():
-        cal = DyMUCalibration(target=target)
+        cal = DyMUCalibration(r_total=target.merges) if isinstance(target, RTotal) else DyMUCalibration(target=target)
         try:
             p = vtoken.patch(model, cal)
         except vtoken.BudgetError as e:
-            out[name] = {"target": target, "error": str(e)}
+            out[name] = {"target": target if isinstance(target, int) else None, "error": str(e)}
             continue
         with p:
             live = p.reducers[0]  # the configured copy
             for px in batches:
                 run(px.to(device=device, dtype=dtype))
-        out[name] = {"target": target, "r": live.schedule, "thresholds": live.thresholds, "images": len(images)}
+        entry = {"target": live._tokens - sum(live.schedule), "r": live.schedule, "thresholds": live.thresholds,
+                 "images": len(images)}
+        if isinstance(target, RTotal):
+            entry["r_total"] = target.merges
+        out[name] = entry
     # how many tokens each preset's thresholds leave on the same images
     for entry in out.values():
         if "error" in entry:
@@ -102,8 +121,9 @@ def save(result: dict[str, Any], path: str | Path, model_ref: str) -> None:
     path.write_text(json.dumps({"model": model_ref, "presets": result}, indent=2))
 
 
-def targets_for(n_tokens: int, target: int | None, preset: str | None) -> dict[str, int]:
+def targets_for(n_tokens: int, target: int | None, preset: str | None) -> dict[str, int | RTotal]:
+    """`--target N`: N tokens at the last merging layer; otherwise DyMU's presets scaled to the model."""
     if target is not None:
         return {preset or "mid": target}
     names: Iterable[str] = [preset] if preset else PRESETS
-    return {name: round(n_tokens * PRESETS[name]) for name in names}
+    return {name: RTotal(round(n_tokens * PRESETS[name])) for name in names}

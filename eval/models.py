@@ -8,8 +8,11 @@ the same geometry (336 px, 576 visual tokens) for smoke runs where no trained mo
 from __future__ import annotations
 
 import json
+import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -149,21 +152,65 @@ def default_model() -> str:
     return str(path) if (path / "config.json").exists() else TINY
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the Hub endpoint accepts a TCP connection, else why not (one short probe, no retries)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"no network connection to {host}:{port} ({e})"
+    return None
+
+
+def _from_hub(ref: str, attn: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Model + processor for a Hub id; offline (HF_HUB_OFFLINE or no network) only from the local cache,
+    with an error naming the offline cause when the files are not there."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else _hub_reachable()
+    kw: dict[str, Any] = {"local_files_only": True} if why else {}
+    try:
+        constants.HF_HUB_OFFLINE = bool(why)  # no network: every lookup (config, adapters, ...) stays in the cache
+        model = AutoModelForImageTextToText.from_pretrained(ref, attn_implementation=attn, dtype=dtype, **kw)
+        proc = AutoProcessor.from_pretrained(ref, **kw)
+    except OSError as e:
+        if why:
+            raise OSError(f"{ref!r} is a Hugging Face Hub id, but the Hub cannot be reached: {why}, and the "
+                          f"model is not in the local cache ({constants.HF_HUB_CACHE}). Download it where the "
+                          "Hub is reachable (or copy the cache), or pass a local model directory.") from None
+        raise OSError(f"cannot load {ref!r} from the Hugging Face Hub: {e}") from None
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+    return model, proc
+
+
 def load(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
          attn: str = "sdpa") -> tuple[Any, Any, dict[str, Any]]:
-    """(model, processor, info) for a model directory or the name `tiny-llava-shapes`."""
+    """(model, processor, info) for a model directory, a Hugging Face Hub id (`owner/name`, e.g.
+    `llava-hf/llava-1.5-7b-hf`) or the name `tiny-llava-shapes` / `tiny-qwen2vl-shapes`."""
     if ref in (TINY, TINY_QWEN):
         model, proc = tiny_shapes_model() if ref == TINY else tiny_qwen_shapes_model()
         info = {"model": ref, "trained": False}
-    else:
+    elif (Path(ref) / "config.json").exists():
         path = Path(ref)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"no model at {ref!r} (expected a directory with config.json, or '{TINY}' / '{TINY_QWEN}')")
         model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, dtype=dtype)
         proc = AutoProcessor.from_pretrained(path)
         meta = path / "vtoken.json"
         info = {"model": str(path), "trained": True, **(json.loads(meta.read_text()) if meta.exists() else {})}
+    elif HUB_ID.match(ref) and not Path(ref).exists():
+        model, proc = _from_hub(ref, attn, dtype)
+        info = {"model": ref, "trained": True, "source": "hub"}
+    else:
+        raise FileNotFoundError(
+            f"no model at {ref!r} (expected a directory with config.json, a Hugging Face Hub id such as "
+            f"'llava-hf/llava-1.5-7b-hf', or '{TINY}' / '{TINY_QWEN}')")
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
     return model.to(device=device, dtype=dtype).eval(), proc, info
 

@@ -137,7 +137,9 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa", llm_layers: int = 4, dtyp
 
 def next_inputs(model, samples: list[list[tuple[int, int]]], text: int = 4, seed: int = 0):
     """Left-padded inputs for tiny_llava_next: per sample a list of image sizes (h, w) in pixels."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    from vtoken.adapters.hf.compat import anyres_helpers
+
+    image_size_to_num_patches = anyres_helpers().num_patches
 
     g = torch.Generator().manual_seed(seed)
     sizes = [s for imgs in samples for s in imgs]

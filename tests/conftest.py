@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from vtoken.eval.tiny import IMAGE_TOKEN, pad_batch, tiny_llava
 
+# the KV cache argument / output field of the installed transformers ("cache" from 5.24 on)
+CACHE = "cache" if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters else "past_key_values"
+# transformers < 5.23 repeats pixel_values per image (not per sample) for beam search, so the beams of a
+# multi-image sample see the wrong images even unpatched; 5.23+ encodes once (mm_encoder_outputs)
+BEAMS_SEE_OWN_IMAGES = "mm_encoder_outputs" in inspect.signature(LlavaForConditionalGeneration.forward).parameters
 N_IMG = 36  # tokens per image of the tiny LLaVA (84 / 14 = 6, 6 x 6)
 
 
@@ -18,6 +27,11 @@ def make_prompt(n_images: int, text: int = 5, seed: int = 0) -> list[int]:
         ids += torch.randint(10, 120, (2,), generator=g).tolist() + [IMAGE_TOKEN] * N_IMG
     ids += torch.randint(10, 120, (text,), generator=g).tolist()
     return ids
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache of a model output, under the installed transformers' field name."""
+    return getattr(out, CACHE)
 
 
 def make_batch(prompts: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import N_IMG, make_batch, make_prompt, pixels, positions
+from conftest import BEAMS_SEE_OWN_IMAGES, CACHE, N_IMG, cache_of, make_batch, make_prompt, pixels, positions
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtoken
@@ -135,7 +135,10 @@ def test_cached_greedy_equals_full_recompute(llava, name, params):
 @pytest.mark.parametrize("name,params", [("random", {"keep": 9}), ("fastv", {"keep": 9}), ("hiprune", {"keep": 9}),
                                          ("transprune", {})])
 def test_beam_search_cached_equals_uncached(llava, name, params):
-    batch, _, px = ragged_batch()
+    batch, prompts, px = ragged_batch()
+    if not BEAMS_SEE_OWN_IMAGES:  # no multi-image sample: transformers itself mixes their beams' images
+        prompts = [make_prompt(1, text=4, seed=1), make_prompt(1, text=6, seed=2), make_prompt(0, text=9, seed=3)]
+        batch, px = make_batch(prompts), px[:2]
     kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, output_scores=True,
               return_dict_in_generate=True, suppress_tokens=[IMAGE_TOKEN])
     with vtoken.patch(llava, name, **params) as p, torch.no_grad():
@@ -153,9 +156,9 @@ def test_model_call_with_cache_continues_consistently(llava):
     nxt = torch.tensor([[44], [55], [66]]).T  # three tokens appended one by one
     with vtoken.patch(llava, "random", keep=10, renumber=True) as p:
         out = run(llava, input_ids=ids, pixel_values=px, use_cache=True)
-        cache, steps = out.past_key_values, []
+        cache, steps = cache_of(out), []
         for t in range(3):
-            o = run(llava, input_ids=nxt[:, t:t + 1], past_key_values=cache, use_cache=True)
+            o = run(llava, input_ids=nxt[:, t:t + 1], use_cache=True, **{CACHE: cache})
             steps.append(o.logits[:, -1])
         full = run(llava, input_ids=torch.cat([ids, nxt], 1), pixel_values=px, use_cache=False).logits
         assert p.stats.decode_steps == 0  # the last call was a fresh prefill
@@ -210,7 +213,7 @@ def test_invariants_text_kept_order_and_positions(llava, name, params):
     torch.testing.assert_close(last["pos"][lay.valid], expect[lay.valid])
     # 5. at every layer, the rotary embeddings of the real rows are those of their position ids
     rotary = llava.model.language_model.rotary_emb
-    segments = {s.layer: s.layout.valid for s in out.past_key_values._vtoken_decode.segments}
+    segments = {s.layer: s.layout.valid for s in cache_of(out)._vtoken_decode.segments}
     valid = batch["attention_mask"].bool()
     for i in range(len(seen)):
         valid = segments.get(i, valid)
@@ -441,7 +444,7 @@ def test_images_in_continued_cache_are_refused(llava):
     with vtoken.patch(llava, "random", keep=6):
         out = run(llava, input_ids=ids, pixel_values=pixels(1), use_cache=True)
         with pytest.raises(vtoken.LayoutError, match="multi-turn"):
-            run(llava, input_ids=ids, pixel_values=pixels(1), past_key_values=out.past_key_values)
+            run(llava, input_ids=ids, pixel_values=pixels(1), **{CACHE: cache_of(out)})
 
 
 def test_bf16_runs_and_keeps_cache_consistency():

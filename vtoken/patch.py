@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import numbers
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -10,29 +12,44 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from vtoken.adapter import Adapter, find_adapter
-from vtoken.errors import AlreadyPatchedError, ParameterError, VTokenError
+from vtoken.errors import AlreadyPatchedError, LayoutError, ParameterError, UnsupportedModelError
 from vtoken.ledger import Layout, image_rows
 from vtoken.reducers.base import Reducer, build
 from vtoken.registry import get
 from vtoken.runtime import Runtime
 from vtoken.stats import Stats
 
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Patch] = weakref.WeakKeyDictionary()
+# model -> its handle, held weakly: the handle lives as long as the model (its _Guard hook holds it), so
+# a patched model that the user drops is freed.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Patch]] = weakref.WeakKeyDictionary()
 
 ReducerSpec = str | Reducer
 
 
 class Patch:
-    """Handle of an installed patch. A context manager: leaving the `with` block removes it."""
+    """Handle of an installed patch. A context manager: leaving the `with` block removes it.
 
-    def __init__(self, model: nn.Module, adapter: Adapter, runtime: Runtime, note: str = "") -> None:
+    `copy.deepcopy(model)` of a patched model gives a patched copy that vtoken manages like any other:
+    `vtoken.patched(copy)` is its own handle (same reducers, its own statistics), `unpatch(copy)` /
+    `.remove()` restore it bit for bit, patching it again raises AlreadyPatchedError, and the original
+    is untouched. (Chosen over an unpatched copy because a deep copy is expected to behave like the
+    original; the copy's hooks are rebound to a copy of the adapter, see `_Guard`.)
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, note: str = "") -> None:
         self._model = weakref.ref(model)
         self.adapter = adapter
-        self.runtime = runtime
         self.note = note
         self.active = True
+        self._guard: RemovableHandle | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """Reducers, signals and state of the last call (shared with the adapter)."""
+        return self.adapter.runtime
 
     @property
     def reducers(self) -> list[Reducer]:
@@ -47,19 +64,41 @@ class Patch:
 
     @contextmanager
     def prompt(self, length: int | Sequence[int]) -> Iterator[Patch]:
-        """Within this block, only the first `length` tokens (original columns; an int, or one per
+        """Within this block, only the first `length` tokens (original columns; an int >= 1, or one per
         sample) count as the prompt for text-conditioned reducers (FastV, TransPrune IGA, ToDRE stage 2).
 
         Use it when scoring a continuation in one forward (log-likelihood), or to recompute a
         generation without cache: the reduction then depends on the prompt alone, as it does in a
-        cached generate.
+        cached generate. A list whose length is not the batch size of a call raises LayoutError there.
         """
+        value = _prompt_lengths(length)
         prev = self.runtime.prompt_end
-        self.runtime.prompt_end = int(length) if isinstance(length, int) else [int(x) for x in length]
+        model = self._model()
+        check = None
+        if isinstance(value, list) and model is not None:
+            check = model.register_forward_pre_hook(self._check_prompt_batch, with_kwargs=True, prepend=True)
+        self.runtime.prompt_end = value
         try:
             yield self
         finally:
             self.runtime.prompt_end = prev
+            if check is not None:
+                check.remove()
+
+    def _check_prompt_batch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        lengths = self.runtime.prompt_end
+        if not isinstance(lengths, list) or len(lengths) == 1:
+            return
+        rows = None
+        for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                rows = x.shape[0]
+                break
+        if rows is not None and rows != len(lengths):
+            raise LayoutError(
+                f"p.prompt was given {len(lengths)} prompt lengths but this call has a batch of {rows}; pass one "
+                "length per sample (with beam search or num_return_sequences, one per expanded row) or one int"
+            )
 
     @property
     def layout(self) -> Layout | None:
@@ -93,9 +132,11 @@ class Patch:
         if not self.active:
             return
         self.adapter.remove()
+        if self._guard is not None:
+            self._guard.remove()
         self.active = False
         model = self._model()
-        if model is not None and _ACTIVE.get(model) is self:
+        if model is not None and _active(model) is self:
             del _ACTIVE[model]
 
     def __enter__(self) -> Patch:
@@ -107,6 +148,132 @@ class Patch:
     def __repr__(self) -> str:
         return self.describe()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Patch:
+        """The handle of the model's deep copy (copying a handle copies its model); a removed handle is
+        returned as it is."""
+        model = self._model()
+        if not self.active or model is None:
+            return self
+        twin = patched(copy.deepcopy(model, memo))
+        return self if twin is None else twin  # None only while the model itself is still being copied
+
+
+class _Guard:
+    """A no-op forward hook on every patched model that carries its patch through `copy.deepcopy`.
+
+    A deep copy of a module copies its hook dicts: hooks that are bound methods of the adapter get a
+    copied adapter (whose `.model` is the copy, and whose removal handles point at the copy's hook
+    dicts), but plain functions are copied by reference, so closures made by the adapter would still
+    drive the original's adapter. The guard is the first hook of the model's first hook dict, so it is
+    copied before any other hook: it copies those closures with their captured variables first (deep,
+    through the same memo), then the adapter, and registers the copy's handle.
+    """
+
+    def __init__(self, handle: Patch | None) -> None:
+        self.patch = handle
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        return None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Guard:
+        new = _Guard(None)
+        memo[id(self)] = new
+        old = self.patch
+        model = None if old is None else old._model()
+        twin = None if model is None else memo.get(id(model))
+        if old is None or not old.active or not isinstance(twin, nn.Module) or twin is model:
+            return new  # copied without its model: an inert hook
+        closures = _adapter_closures(old.adapter)
+        shells = [(fn, _shell(fn, memo)) for fn in closures]
+        for fn, shell in shells:
+            _fill(fn, shell, memo)
+        adapter = copy.deepcopy(old.adapter, memo)
+        for h in old.adapter.handles:  # hook dicts already copied before the guard (unusual): rebind in place
+            if isinstance(h, RemovableHandle) and (d := h.hooks_dict_ref()) is not None and id(d) in memo:
+                fn, twin_dict = d.get(h.id), memo[id(d)]
+                if id(fn) in memo and h.id in twin_dict:
+                    twin_dict[h.id] = memo[id(fn)]
+        handle = Patch(twin, adapter, old.note)
+        handle._guard = copy.deepcopy(old._guard, memo)
+        new.patch = handle
+        _ACTIVE[twin] = weakref.ref(handle)
+        return new
+
+
+def _adapter_closures(adapter: Adapter) -> list[types.FunctionType]:
+    """Plain functions with captured state among the adapter's hooks and removal handles."""
+    found: list[Any] = []
+    for h in adapter.handles:
+        if isinstance(h, RemovableHandle):
+            d = h.hooks_dict_ref()
+            found.append(None if d is None else d.get(h.id))
+        elif hasattr(h, "__dict__"):
+            found += list(vars(h).values())
+    out: dict[int, types.FunctionType] = {}
+    for fn in found:
+        if isinstance(fn, types.FunctionType) and (fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__):
+            out[id(fn)] = fn
+    return list(out.values())
+
+
+def _shell(fn: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
+    """A copy of `fn` with empty closure cells, registered in the deepcopy memo (filled by `_fill`)."""
+    if id(fn) in memo:
+        return memo[id(fn)]
+    cells = tuple(types.CellType() for _ in fn.__closure__ or ())
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, None, cells or None)
+    new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    memo[id(fn)] = new
+    memo.setdefault(id(memo), []).append(fn)  # keep the original alive while copying, as deepcopy does
+    return new
+
+
+def _fill(fn: types.FunctionType, new: types.FunctionType, memo: dict[int, Any]) -> None:
+    """Deep-copy `fn`'s captured variables, defaults and attributes into its shell `new`."""
+    new.__defaults__ = copy.deepcopy(fn.__defaults__, memo)
+    new.__kwdefaults__ = copy.deepcopy(fn.__kwdefaults__, memo)
+    new.__dict__.update(copy.deepcopy(fn.__dict__, memo))  # e.g. functools.wraps' __wrapped__
+    for old_cell, cell in zip(fn.__closure__ or (), new.__closure__ or ()):
+        try:
+            value = old_cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, types.FunctionType) and value.__closure__ and id(value) not in memo:
+            inner = _shell(value, memo)
+            _fill(value, inner, memo)
+            cell.cell_contents = inner
+        else:
+            cell.cell_contents = copy.deepcopy(value, memo)
+
+
+def _active(model: nn.Module) -> Patch | None:
+    ref = _ACTIVE.get(model)
+    handle = None if ref is None else ref()
+    return handle if handle is not None and handle.active else None
+
+
+def _prompt_lengths(length: Any) -> int | list[int]:
+    """Validate `Patch.prompt`'s argument: an int >= 1 or a non-empty sequence of them."""
+    what = ("p.prompt(length): the prompt length must be an int >= 1 (prompt tokens, in input columns) "
+            "or a list with one per sample")
+
+    def one(v: Any) -> int:
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point():
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ParameterError(f"{what}; got {v!r}")
+        if v < 1:
+            raise ParameterError(f"{what}; got {v} (a prompt has at least one token)")
+        return int(v)
+
+    if isinstance(length, torch.Tensor) and length.dim() == 1:
+        length = length.tolist()
+    if isinstance(length, Sequence) and not isinstance(length, (str, bytes)):
+        if len(length) == 0:
+            raise ParameterError(f"{what}; got an empty list")
+        return [one(v) for v in length]
+    return one(length)
+
 
 def _resolve(reducer: ReducerSpec | Sequence[ReducerSpec] | None, params: dict[str, Any],
              default: tuple[str, dict[str, Any]]) -> tuple[list[Reducer], str]:
@@ -117,6 +284,13 @@ def _resolve(reducer: ReducerSpec | Sequence[ReducerSpec] | None, params: dict[s
         return [_one(reducer, params)], ""
     if isinstance(reducer, Sequence):
         items = list(reducer)
+        if not items:
+            raise ParameterError(
+                "an empty list of reducers would patch nothing; pass at least one name or instance "
+                "(vtoken.available() lists them), or 'none' for the unreduced reference with statistics"
+            )
+        for item in items:
+            _check_spec(item)
         names = [r if isinstance(r, str) else r.name for r in items]
         extra = [k for k in params if k not in names]
         if extra:
@@ -128,7 +302,18 @@ def _resolve(reducer: ReducerSpec | Sequence[ReducerSpec] | None, params: dict[s
             if not isinstance(v, dict):
                 raise ParameterError(f"parameters for {k!r} must be a dict, got {type(v).__name__}")
         return [_one(r, params.get(n, {})) for r, n in zip(items, names)], ""
+    _check_spec(reducer)
     raise ParameterError(f"reducer must be a name, a Reducer instance or a list of them, got {reducer!r}")
+
+
+def _check_spec(spec: Any) -> None:
+    if isinstance(spec, (str, Reducer)):
+        return
+    if isinstance(spec, type) and issubclass(spec, Reducer):
+        raise ParameterError(
+            f"{spec.__name__} is a reducer class; pass an instance ({spec.__name__}(...)) or its name {spec.name!r}"
+        )
+    raise ParameterError(f"expected a reducer name or instance, got {spec!r}")
 
 
 def _one(spec: ReducerSpec, params: dict[str, Any]) -> Reducer:
@@ -144,6 +329,54 @@ def _one(spec: ReducerSpec, params: dict[str, Any]) -> Reducer:
     raise ParameterError(f"expected a reducer name or instance, got {spec!r}")
 
 
+# signal kinds read from the rows of an LLM layer that ran earlier in the forward (see SignalRequest)
+_CAPTURED = ("llm_attention", "llm_modality_mass")
+
+
+def _check_composition(runtime: Runtime) -> None:
+    """Refuse at patch time the combinations that could only fail at the first forward."""
+    before: list[Reducer] = []
+    for r in runtime.reducers:  # stage order
+        if r.full_grid and before:
+            first = before[0]
+            how = "encoder merging" if first.stage == "encoder" else f"{first.name}"
+            raise ParameterError(
+                f"{r.name} reads each image's whole token grid, so it must be the first reducer to act, but "
+                f"{how} ({first.stage} stage) reduces the tokens before it; use {r.name} alone, or list it "
+                f"before the other {first.stage} reducers"
+            )
+        if not r.keeps_all:
+            before.append(r)
+    events = [(-1 if layer is None else layer, i, r) for layer, rs in runtime.points() for i, r in enumerate(rs)]
+    for p, i, r in events:
+        if p < 0:
+            continue
+        for s in r.signals():
+            if s.kind in _CAPTURED:
+                what, lo = f"LLM layer {s.layer}'s attention", s.layer
+            elif s.kind == "llm_attention_pre":
+                what, lo = f"the attention of the tokens entering layer {p}", p
+            else:
+                continue
+            for p2, i2, r2 in events:
+                if r2.keeps_all or (p2, i2) == (p, i) or not (lo < p2 < p or (p2 == p and i2 < i)):
+                    continue
+                where = "ahead of it at the same layer" if p2 == p else f"before layer {p2}, after that attention"
+                raise ParameterError(
+                    f"{r.name} (before LLM layer {p}) scores tokens by {what}, but {r2.name} removes tokens "
+                    f"{where}, so the scores would not match the tokens. Use one of them, or place them so "
+                    f"that no other reducer acts between layer {lo} and {r.name}'s layer {p} (e.g. another "
+                    f"k, schedule or check_layer)"
+                )
+
+
+def _check_model(model: Any, fn: str) -> None:
+    if isinstance(model, nn.Module):
+        return
+    hint = "; to remove a patch from its handle, call handle.remove()" if isinstance(model, Patch) else ""
+    raise UnsupportedModelError(f"vtoken.{fn} expects a torch.nn.Module (the model), got {type(model).__name__}{hint}")
+
+
 def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None = None, **params: Any) -> Patch:
     """Patch `model` in place so that its visual tokens are reduced; returns the handle.
 
@@ -151,14 +384,16 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
              (applied in stage order: encoder, boundary, decoder by layer). None applies the model
              family's default (see README).
     params:  the reducer's parameters (e.g. keep=64); with a list, name=dict(...) per reducer.
+    Parameters, budgets and combinations are all checked here, before any hook is installed.
     """
-    if not isinstance(model, nn.Module):
-        raise VTokenError(f"vtoken.patch expects a torch.nn.Module, got {type(model).__name__}")
-    if model in _ACTIVE:
+    _check_model(model, "patch")
+    existing = _active(model)
+    if existing is not None:
         raise AlreadyPatchedError(
-            f"this {type(model).__name__} is already patched ({_ACTIVE[model].describe().splitlines()[1].strip()}); "
+            f"this {type(model).__name__} is already patched ({existing.describe().splitlines()[1].strip()}); "
             "call .remove() on that patch or vtoken.unpatch(model) first"
         )
+    _check_nested(model)
     adapter_cls = find_adapter(model)
     reducers, note = _resolve(reducer, params, adapter_cls.default_reducer)
     adapter = adapter_cls(model)
@@ -171,20 +406,40 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
         parts.extend(r.parts())
     runtime = Runtime(parts)
     runtime.check_stages(adapter_cls.stages, adapter.family)
+    _check_composition(runtime)
     adapter.runtime = runtime
     try:
         adapter.install()
     except BaseException:
         adapter.remove()
         raise
-    handle = Patch(model, adapter, runtime, note)
-    _ACTIVE[model] = handle
+    handle = Patch(model, adapter, note)
+    handle._guard = model.register_forward_hook(_Guard(handle), prepend=True)
+    _ACTIVE[model] = weakref.ref(handle)
     return handle
+
+
+def _check_nested(model: nn.Module) -> None:
+    """Refuse to patch a module inside a patched model, or a model that holds a patched module."""
+    for other in list(_ACTIVE.keys()):
+        if _active(other) is None or other is model:
+            continue
+        if any(m is model for m in other.modules()):
+            inside = f"part of a patched {type(other).__name__}"
+        elif any(m is other for m in model.modules()):
+            inside = f"holds a patched {type(other).__name__}"
+        else:
+            continue
+        raise AlreadyPatchedError(
+            f"this {type(model).__name__} is {inside}; two patches on one model would stack their hooks. "
+            "Remove the other patch first (vtoken.unpatch(that model))"
+        )
 
 
 def unpatch(model: nn.Module) -> bool:
     """Remove vtoken's patch from `model`; returns False if it was not patched."""
-    handle = _ACTIVE.get(model)
+    _check_model(model, "unpatch")
+    handle = _active(model)
     if handle is None:
         return False
     handle.remove()
@@ -193,4 +448,5 @@ def unpatch(model: nn.Module) -> bool:
 
 def patched(model: nn.Module) -> Patch | None:
     """The active patch of `model`, if any."""
-    return _ACTIVE.get(model)
+    _check_model(model, "patched")
+    return _active(model)

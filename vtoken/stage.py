@@ -35,6 +35,7 @@ class PointResult:
     pos_shift: torch.Tensor | None
     dec_shift: torch.Tensor | None
     changed: bool
+    merged: bool = False  # some kept row carries new values (merging), not only a gather of the input
 
 
 def run_point(
@@ -53,7 +54,7 @@ def run_point(
     src_total = torch.arange(length, device=device).expand(b, length)
     pos_shift: torch.Tensor | None = None
     dec_shift: torch.Tensor | None = None
-    changed = False
+    changed = merged = False
     starts = torch.tensor([s.start for s in spans], device=device, dtype=torch.long)
     sample_of = [s.sample for s in spans]
     pinned = [s.pinned for s in spans]
@@ -61,7 +62,7 @@ def run_point(
     for reducer in reducers:
         if not layout.counts or max(layout.counts) == 0:
             break
-        with timer:
+        with timer.at(device):
             selectable = [c - p for c, p in zip(layout.counts, pinned)]
             entry = layout.entry or selectable
             keep = [reducer.budget(n, layer, e, s.share) if n > 0 else 0
@@ -99,6 +100,7 @@ def run_point(
             keep_flat.index_copy_(0, idx, (sel.keep & valid).reshape(-1))
             keep_rows = keep_flat[:-1].view(b, length)
             if sel.values is not None:
+                merged = True
                 h = torch.cat([flat_hidden, flat_hidden.new_zeros(1, d)])
                 h.index_copy_(0, idx, sel.values.reshape(-1, d).to(h.dtype))
                 hidden = h[:-1].view(b, length, d)
@@ -130,7 +132,7 @@ def run_point(
             src_total = gather_rows(src_total, comp.src, fill=length)
             length = comp.layout.shape[1]
             layout = comp.layout
-    return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed)
+    return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed, merged)
 
 
 def _inner_table(spans: list[ImageSpan], device: torch.device) -> torch.Tensor | None:

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 class Stats:
     """Statistics of the last patched call (a forward, or a whole `generate`).
 
-    visual_tokens:    per sample, visual tokens entering the LLM (after boundary reducers).
+    visual_tokens:    per sample, visual tokens entering the LLM (after boundary reducers), pinned
+                      ones included.
+    pinned_tokens:    per sample, visual tokens always kept outside the budget (LLaVA-NeXT's row-end
+                      newline tokens: `keep=64` on an image with crops delivers 64 + these).
     visual_per_layer: per LLM layer, per sample, visual tokens that layer processes in the prefill.
     tokens_per_layer: per LLM layer, per sample, all tokens (text + visual) in the prefill.
     vision_tokens:    per vision-tower layer, tokens per image (encoder-stage merging shrinks them).
@@ -20,6 +23,7 @@ class Stats:
     """
 
     visual_tokens: list[int] = field(default_factory=list)
+    pinned_tokens: list[int] = field(default_factory=list)
     visual_per_layer: list[list[int]] = field(default_factory=list)
     tokens_per_layer: list[list[int]] = field(default_factory=list)
     vision_tokens: list[int] = field(default_factory=list)
@@ -36,7 +40,8 @@ class Stats:
         """A short human-readable summary."""
         vis = self.visual_tokens
         lines = [
-            f"visual tokens entering the LLM per sample: {vis}",
+            f"visual tokens entering the LLM per sample: {vis}"
+            + (f" (of which pinned, outside the budget: {self.pinned_tokens})" if any(self.pinned_tokens) else ""),
             "FLOPs: " + ", ".join(f"{k}={v / 1e9:.3f}G" for k, v in self.flops.items()),
             f"reducer overhead: {self.overhead_s * 1e3:.2f} ms; decode steps: {self.decode_steps}",
         ]

@@ -14,6 +14,12 @@ class Timer:
         self.cuda = torch.device(device).type == "cuda" if device is not None else False
         self.reset()
 
+    def at(self, device: torch.device | str) -> Timer:
+        """Time the next block on `device`: CUDA events there (no host sync; read once in `seconds`),
+        `time.perf_counter` elsewhere. Use as `with timer.at(tensor.device): ...`."""
+        self.cuda = torch.device(device).type == "cuda"
+        return self
+
     def reset(self) -> None:
         self._host = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []

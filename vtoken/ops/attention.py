@@ -32,6 +32,14 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, scale: floa
     return rearrange(out, "(n h) t -> n h t", h=heads).sum(1) / (heads * rows)
 
 
+def received_attention_flops(q: torch.Tensor, k: torch.Tensor, query: str = "all") -> int:
+    """Matrix FLOPs of `received_attention(q, k, ...)`: the q k^T products, 2 * n * rows * T * width
+    (rows = T for query "all", 1 for "cls"), as torch's FlopCounterMode counts them."""
+    n, t, width = q.shape
+    rows = 1 if query == "cls" else t
+    return 2 * n * rows * k.shape[1] * width
+
+
 def fingerprint(x: torch.Tensor) -> torch.Tensor:
     """(n, 2) float64 sum and sum of squares of each (…)-block of `x` (n, …): identifies identical tensors."""
     flat = x.reshape(x.shape[0], -1).double()

@@ -13,6 +13,10 @@ Matching (which tokens merge) follows the papers:
   highest-energy tokens are mergeable, split by energy rank into A (even ranks) / B (odd ranks),
   every a merges into its most similar b; the rest are protected. Output order: prefix tokens,
   protected (descending energy), then B (rank order).
+- `energy_bipartite_plan`: PiToMe's energy-sorted bipartite matching (the authors' `pitome_bsm`, run
+  in the first half of the blocks by their timm / DeiT patch): all tokens, sorted by energy, alternate
+  into A (even ranks) and B (odd ranks); each a proposes its most similar b and the k best proposals
+  merge (ToMe's rule). Output order: prefix, unmerged A (rank order), then B (rank order).
 
 `merge()` is the size-weighted average x_s = sum(size_i x_i) / sum(size_i) (ToMe eq. in §3 "Merging").
 """
@@ -42,12 +46,13 @@ class MergePlan:
 def merge(x: torch.Tensor, plan: MergePlan, size: torch.Tensor | None = None, weighted: bool = True) -> torch.Tensor:
     """Average the tokens of x (B, T, d) that share a slot: size-weighted, or plain if not `weighted`."""
     b, _, d = x.shape
+    work = torch.promote_types(x.dtype, torch.float32)  # float32 accumulation, float64 kept
     w = size if (weighted and size is not None) else torch.ones(x.shape[:2], device=x.device, dtype=x.dtype)
-    w = w.to(torch.float32)
+    w = w.to(work)
     idx = plan.dest[..., None].expand(-1, -1, d)
-    num = torch.zeros(b, plan.length + 1, d, device=x.device, dtype=torch.float32)
-    num.scatter_add_(1, idx, x.float() * w[..., None])
-    den = torch.zeros(b, plan.length + 1, device=x.device, dtype=torch.float32)
+    num = torch.zeros(b, plan.length + 1, d, device=x.device, dtype=work)
+    num.scatter_add_(1, idx, x.to(work) * w[..., None])
+    den = torch.zeros(b, plan.length + 1, device=x.device, dtype=work)
     den.scatter_add_(1, plan.dest, w)
     return (num[:, :-1] / den[:, :-1, None].clamp_min(1e-12)).to(x.dtype)
 
@@ -82,6 +87,7 @@ def bipartite_plan(
     protect: int = 1,
     threshold: float | None = None,
     max_r: list[int] | None = None,
+    min_r: list[int] | None = None,
 ) -> tuple[MergePlan, torch.Tensor]:
     """ToMe bipartite soft matching (or DyMU threshold matching) for a batch.
 
@@ -90,11 +96,16 @@ def bipartite_plan(
     number of prefix tokens (CLS, distillation / register tokens) that are never merged: they are
     neither sources (A) nor destinations (B) and keep their slots at the front. threshold: merge
     every proposal with similarity > threshold instead of the r best (capped by max_r, default
-    (count - protect) // 2). Returns the plan and each A token's best score (B, ceil(T/2)), -inf
-    where it cannot merge (for calibration). Output: prefix, unmerged A (index order), then B.
+    (count - protect) // 2); min_r: with a threshold, merge at least this many per image (the best
+    proposals; vtoken's `keep` ceiling for DyMU). Returns the plan and each A token's best score
+    (B, ceil(T/2)), -inf where it cannot merge (for calibration). Output: prefix, unmerged A (index
+    order), then B. Rows with fewer than two mergeable tokens are left as they are.
     """
     b, t, _ = metric.shape
     device = metric.device
+    if t - protect < 2:  # nothing can merge (e.g. one token left in a no-CLS tower)
+        valid = torch.arange(t, device=device)[None] < torch.tensor(counts, device=device)[:, None]
+        return identity_plan(valid, counts), metric.new_full((b, (t + 1) // 2), float("-inf"), dtype=torch.float32)
     m = F.normalize(metric.float(), dim=-1)
     a, bb = m[:, ::2], m[:, 1::2]
     ta, tb = a.shape[1], bb.shape[1]
@@ -115,6 +126,8 @@ def bipartite_plan(
     else:
         limit = [min(c, x) for c, x in zip(cap, max_r)] if max_r is not None else cap
         above = (node_max > threshold).sum(1).tolist()
+        if min_r is not None:
+            above = [max(x, m) for x, m in zip(above, min_r)]
         r_eff = [min(x, c) for x, c in zip(above, limit)]
     order = node_max.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -192,6 +205,55 @@ def energy_plan(metric: torch.Tensor, counts: list[int], k: list[int], margin: f
         dest[:, :prefix] = torch.arange(prefix, device=device)
     new_counts = [c - x for c, x in zip(counts, k)]
     return _finish(dest, new_counts, t)
+
+
+def energy_bipartite_plan(metric: torch.Tensor, counts: list[int], k: list[int], margin: float, alpha: float = 1.0,
+                          prefix: int = 1, variant: str = "code") -> MergePlan:
+    """PiToMe's energy-sorted bipartite soft matching (the authors' `pitome_bsm`, which their timm / DeiT
+    patch runs in the first ceil(L/2) blocks): every non-prefix token, sorted by energy (descending,
+    §3.1), goes to A (even ranks) or B (odd ranks); each a proposes its most similar b (cosine) and the
+    k[i] best proposals merge (ToMe §3). Nothing is protected. Output: prefix, unmerged A (rank order),
+    B (rank order)."""
+    b, t, _ = metric.shape
+    device = metric.device
+    e = energy(metric, counts, margin, alpha, prefix, variant)
+    order = e.argsort(dim=1, descending=True, stable=True)  # real non-prefix tokens first
+    n_real = torch.tensor(counts, device=device) - prefix
+    rank = torch.arange(t, device=device)[None].expand(b, t)
+    real = rank < n_real[:, None]
+    is_a = real & (rank % 2 == 0)
+    is_b = real & (rank % 2 == 1)
+    m = F.normalize(metric.float(), dim=-1)
+    ms = m.gather(1, order[..., None].expand(-1, -1, m.shape[2]))  # rows in energy order
+    sim = (ms @ ms.transpose(1, 2)).masked_fill(~is_b[:, None, :], float("-inf"))
+    best, target = sim.max(-1)
+    best = best.masked_fill(~is_a, float("-inf"))
+    k = [min(x, max(c - prefix, 0) // 2) for x, c in zip(k, counts)]  # at most |B| (none without a B)
+    kk = torch.tensor(k, device=device)
+    a_rank = torch.empty_like(rank)
+    a_rank.scatter_(1, best.argsort(dim=1, descending=True, stable=True), rank.contiguous())
+    merged = is_a & (a_rank < kk[:, None])
+    unm = is_a & ~merged
+    unm_slot = prefix + unm.long().cumsum(1) - 1
+    b_slot = prefix + unm.sum(1, keepdim=True) + is_b.long().cumsum(1) - 1
+    slot_sorted = torch.where(unm, unm_slot, torch.where(is_b, b_slot, t))
+    slot_sorted = torch.where(merged, slot_sorted.gather(1, target), slot_sorted)
+    dest = torch.full((b, t), t, dtype=torch.long, device=device)
+    dest.scatter_(1, order, slot_sorted)
+    if prefix:
+        dest[:, :prefix] = torch.arange(prefix, device=device)
+    new_counts = [c - x for c, x in zip(counts, k)]
+    return _finish(dest, new_counts, t)
+
+
+def dymu_schedule(r_total: int, layers: int) -> list[int]:
+    """DyMU's constant schedule (its open_clip `tome_cfg`, `r_schedule="constant"`): `r_total` merges
+    spread evenly over all `layers` blocks, the remainder on the first ones (21 / 16 / 8 per layer for
+    r_total = 504 / 384 / 192 over CLIP-L's 24 layers)."""
+    if layers <= 0:
+        return []
+    base, rem = divmod(int(r_total), layers)
+    return [base + (1 if i < rem else 0) for i in range(layers)]
 
 
 def tome_schedule(r: int | tuple[int, float] | list[int], layers: int) -> list[int]:

@@ -8,6 +8,10 @@ for) and applies the `Selection` it returns through the token ledger.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -15,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from vtoken.budget import Keep, check_keep, resolve_keep
-from vtoken.errors import ParameterError, SignalError
+from vtoken.errors import BudgetError, ParameterError, SignalError
 
 Stage = Literal["encoder", "boundary", "decoder", "attention"]
 STAGE_ORDER: dict[str, int] = {"encoder": 0, "boundary": 1, "decoder": 2, "attention": 3}
@@ -139,13 +143,20 @@ class Reducer:
     name: ClassVar[str] = ""
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = False  # the kept count depends on the content (Selection.counts)
+    full_grid: ClassVar[bool] = False  # reads each image's whole token grid: must be the first to reduce
+    keeps_all: ClassVar[bool] = False  # never drops a token (composition checks ignore it)
     keep: Keep | None = None
     renumber: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        if isinstance(self.keep, numbers.Integral) and not isinstance(self.keep, bool):
+            self.keep = int(self.keep)  # numpy / torch integers
+        elif isinstance(self.keep, float) and type(self.keep) is not float:
+            self.keep = float(self.keep)
         check_keep(self.keep)
-        if not isinstance(self.renumber, bool):
-            raise ParameterError(f"{self.name}: renumber must be True or False, got {self.renumber!r}")
+        if self.keep is None and type(self).budget is Reducer.budget:
+            raise BudgetError(f"{self.name}: no budget given (keep=None); pass keep=<int tokens or float fraction>")
 
     # --- what the reducer declares -------------------------------------------------------------
     @property
@@ -196,6 +207,119 @@ def scaled(keep: Keep, share: float) -> Keep:
     if isinstance(keep, int) and not isinstance(keep, bool) and share != 1.0:
         return max(1, round(keep * share))
     return keep
+
+
+# --- parameter validation ------------------------------------------------------------------------
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of `cls`'s init fields ({} if they cannot be resolved)."""
+    if cls not in _HINTS:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a forward reference only visible to type checkers: skip the generic check
+            hints = {}
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name in hints}
+    return _HINTS[cls]
+
+
+def _options(hint: Any) -> list[Any] | None:
+    """The simple alternatives of an annotation (bool, int, float, str, None, Literal values), or None
+    if one of them is a type the generic check does not judge (lists, tuples, classes ...)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        out: list[Any] = []
+        for arg in typing.get_args(hint):
+            sub = _options(arg)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if origin is Literal:
+        return [("literal", v) for v in typing.get_args(hint)]
+    if hint in (bool, int, float, str, type(None)):
+        return [hint]
+    return None
+
+
+def _matches(value: Any, option: Any) -> Any:
+    """`value` converted to `option` (bool / int / float / str / None / a Literal value), or _NO."""
+    if isinstance(option, tuple):
+        lit = option[1]
+        return value if type(value) is type(lit) and value == lit else _NO
+    if option is type(None):
+        return None if value is None else _NO
+    if option is bool:
+        return value if isinstance(value, bool) else _NO
+    if isinstance(value, bool):  # True / False are never numbers or strings here
+        return _NO
+    if option is int:
+        return int(value) if isinstance(value, numbers.Integral) else _NO
+    if option is float:
+        if isinstance(value, numbers.Real) and math.isfinite(value):
+            return float(value)
+        return _NO
+    return value if isinstance(value, str) else _NO
+
+
+_NO = object()
+
+
+def _expected(options: list[Any]) -> str:
+    words = {bool: "True or False", int: "an int", float: "a finite number", str: "a string", type(None): "None"}
+    lits = [repr(o[1]) for o in options if isinstance(o, tuple)]
+    parts = [words[o] for o in options if not isinstance(o, tuple) and not (o is int and float in options)]
+    if lits:
+        parts.insert(0, "one of " + ", ".join(lits))
+    return " or ".join(dict.fromkeys(parts))
+
+
+def check_fields(reducer: Reducer) -> None:
+    """Check every init field of a reducer against its annotation where that is simple (bool, int,
+    float, str, None, Literal and unions of them): a bool is not a number, a number is finite, a
+    Literal takes only its values. Numbers are converted to the annotated builtin type (numpy ints ...).
+    `keep` is checked by `vtoken.budget.check_keep`; other annotations are left to the reducer."""
+    for name, hint in _field_hints(type(reducer)).items():
+        if name == "keep":
+            continue
+        options = _options(hint)
+        if options is None:
+            continue
+        value = getattr(reducer, name)
+        for option in options:
+            converted = _matches(value, option)
+            if converted is not _NO:
+                if converted is not value:
+                    setattr(reducer, name, converted)
+                break
+        else:
+            raise ParameterError(f"{reducer.name}: {name} must be {_expected(options)}, got {value!r}")
+
+
+def check_range(reducer: Reducer, name: str, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False, error: type[Exception] = ParameterError) -> None:
+    """Raise unless the (already type-checked) numeric field `name` lies in the given interval (None: no check)."""
+    value = getattr(reducer, name)
+    if value is None:
+        return
+    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+        hi is not None and (value > hi or (hi_open and value == hi)))
+    if bad:
+        left = "-inf" if lo is None else repr(lo)
+        right = "inf" if hi is None else repr(hi)
+        interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+        raise error(f"{reducer.name}: {name} must lie in {interval}, got {value!r}")
+
+
+def check_unused(reducer: Reducer, names: list[str], reason: str) -> None:
+    """Refuse parameters set away from their defaults that the chosen configuration ignores."""
+    defaults = {f.name: f.default for f in dataclasses.fields(reducer) if f.init}
+    given = [n for n in names if getattr(reducer, n) != defaults.get(n)]
+    if given:
+        shown = ", ".join(f"{n}={getattr(reducer, n)!r}" for n in given)
+        them = "it" if len(given) == 1 else "them"
+        raise ParameterError(f"{reducer.name}: {shown} would be ignored ({reason}); drop {them}")
 
 
 def build(cls: type[Reducer], params: dict[str, Any]) -> Reducer:

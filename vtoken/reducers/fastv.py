@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vtoken.errors import ParameterError
+from vtoken.errors import BudgetError
 from vtoken.ops.select import topk_mask
-from vtoken.reducers.base import Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.reducers.base import Reducer, Selection, SignalRequest, Stage, StageInput, check_fields, check_range
 from vtoken.registry import register
 
 
@@ -22,22 +22,29 @@ class FastV(Reducer):
     `keep` (default 0.5, i.e. R = 50% dropped) survive in their original order with their original
     position ids. The attention is computed on a side path from layer k-1's q/k with its RoPE, so the
     model keeps SDPA / FlashAttention. `ratio` is the paper's R (fraction dropped) as an alternative
-    to `keep`.
+    to `keep` (keep = 1 - ratio); give one of them, not both.
     """
 
     stage: ClassVar[Stage] = "decoder"
-    keep: int | float | None = 0.5
+    keep: int | float | None = None  # None: 0.5, or 1 - ratio
     k: int = 2
     ratio: float | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: the budget below is computed from them
+        check_range(self, "k", lo=1)
         if self.ratio is not None:
-            if not (0.0 <= self.ratio < 1.0):
-                raise ParameterError(f"fastv: ratio (R, fraction dropped) must be in [0, 1), got {self.ratio}")
-            self.keep = 1.0 - self.ratio if self.ratio > 0 else 1.0
+            check_range(self, "ratio", 0.0, 1.0, hi_open=True, error=BudgetError)
+            from_ratio = 1.0 - self.ratio
+            if self.keep is not None and self.keep != from_ratio:  # keep = 1 - ratio (a re-built copy) is fine
+                raise BudgetError(
+                    f"fastv: keep={self.keep!r} and ratio={self.ratio!r} are two budgets; pass keep (tokens or "
+                    "fraction kept) or ratio (fraction dropped, the paper's R), not both"
+                )
+            self.keep = from_ratio
+        elif self.keep is None:
+            self.keep = 0.5
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ParameterError(f"fastv: k (the pruning layer) must be an int >= 1, got {self.k!r}")
 
     @property
     def layer(self) -> int:

@@ -7,10 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from vtoken.errors import ParameterError
 from vtoken.ops.select import topk_mask
 from vtoken.reducers._grid import by_grid, from_grid, require_full_grid, to_grid
-from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput, check_range
 from vtoken.registry import register
 
 
@@ -62,6 +61,7 @@ class HiPrune(Reducer):
     """
 
     stage: ClassVar[Stage] = "boundary"
+    full_grid: ClassVar[bool] = True
     keep: int | float | None = 64
     alpha: float = 0.1
     object_layer: int | None = None
@@ -69,9 +69,8 @@ class HiPrune(Reducer):
     wrap: bool = False
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ParameterError(f"hiprune: alpha must be in [0, 1], got {self.alpha}")
+        super().__post_init__()  # types (wrap a bool, layers ints, alpha a number) are checked there
+        check_range(self, "alpha", 0.0, 1.0)
 
     def configure(self, info: ModelInfo) -> None:
         if self.object_layer is None:

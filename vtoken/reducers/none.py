@@ -16,11 +16,14 @@ class Identity(Reducer):
     """Keeps all visual tokens; outputs are bit-identical to the unpatched model (tested)."""
 
     stage: ClassVar[Stage] = "boundary"
+    keeps_all: ClassVar[bool] = True
     keep: int | float | None = 1.0
 
     def __post_init__(self) -> None:
+        if self.keep is None:
+            self.keep = 1.0
         super().__post_init__()
-        if not (self.keep is None or (isinstance(self.keep, float) and self.keep == 1.0)):  # int 1 = one token
+        if not (isinstance(self.keep, float) and self.keep == 1.0):  # int 1 = one token
             raise ParameterError(
                 f"none keeps every visual token and takes no budget (got keep={self.keep!r}); "
                 "drop `keep`, or pick a reducer such as 'random' or 'pool' to keep fewer tokens"

@@ -29,6 +29,7 @@ class Pool(Reducer):
     """
 
     stage: ClassVar[Stage] = "boundary"
+    full_grid: ClassVar[bool] = True
     keep: int | float | None = 64
 
     def select(self, x: StageInput) -> Selection:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from vtoken.ops.select import topk_mask
-from vtoken.reducers.base import Reducer, Selection, Stage, StageInput
+from vtoken.reducers.base import Reducer, Selection, Stage, StageInput, check_range
 from vtoken.registry import register
 
 
@@ -27,7 +27,8 @@ class RandomPrune(Reducer):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # seed: an int (checked there)
+        check_range(self, "seed", -(2**63), 2**64, hi_open=True)  # what torch.Generator.manual_seed takes
         self._tables: dict[tuple[int, str], torch.Tensor] = {}
 
     def _scores(self, n: int, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,16 @@ import torch
 
 from vtoken.errors import ParameterError, UnsupportedModelError
 from vtoken.ops.diversity import greedy_diverse
-from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.reducers.base import (
+    ModelInfo,
+    Reducer,
+    Selection,
+    SignalRequest,
+    Stage,
+    StageInput,
+    check_range,
+    check_unused,
+)
 from vtoken.registry import register
 
 
@@ -38,11 +47,11 @@ class ToDREDiversity(Reducer):
     vision_layer: int = -1
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.selection not in ("kcenter", "maxsum"):
-            raise ParameterError(f"todre: selection must be 'kcenter' or 'maxsum', got {self.selection!r}")
-        if self.pivot not in ("auto", "cls", "random"):
-            raise ParameterError(f"todre: pivot must be 'auto', 'cls' or 'random', got {self.pivot!r}")
+        super().__post_init__()  # selection / pivot among their values, seed an int: checked there
+        check_range(self, "seed", -(2**63), 2**64, hi_open=True)
+        if self.pivot == "cls":
+            check_unused(self, ["seed"], "the seed draws the pivot only with pivot='random' or 'auto' on a tower "
+                         "without CLS")
 
     def configure(self, info: ModelInfo) -> None:
         if self.pivot == "auto":
@@ -94,8 +103,13 @@ class ToDRERelevance(Reducer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.tau <= 1.0:
-            raise ParameterError(f"todre: tau must be in [0, 1], got {self.tau}")
+        if not (isinstance(self.keep, float) and self.keep == 1.0):
+            raise ParameterError(
+                f"todre_relevance keeps all or none of a sample's visual tokens (by attention ratios) and "
+                f"takes no budget (got keep={self.keep!r}); drop keep, or use 'todre' with keep= for stage 1"
+            )
+        check_range(self, "tau", 0.0, 1.0)
+        check_range(self, "check_layer", lo=0)
 
     def configure(self, info: ModelInfo) -> None:
         if self.check_layer is None:
@@ -133,21 +147,35 @@ class ToDRE(Reducer):
     can be switched off (`stage1=False` / `stage2=False`) for the paper's ablations."""
 
     stage: ClassVar[Stage] = "boundary"
-    keep: int | float | None = 64
+    keep: int | float | None = None  # None: 64 (stage 1's budget; unused without stage 1)
     selection: Literal["kcenter", "maxsum"] = "kcenter"
     pivot: Literal["auto", "cls", "random"] = "auto"
     seed: int = 0
-    tau: float = 0.10
+    tau: float | None = None  # None: 0.10 (stage 2's threshold; unused without stage 2)
     check_layer: int | None = None
     stage1: bool = True
     stage2: bool = True
     _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.stage1 is True and self.keep is None:
+            self.keep = 64
+        if self.stage2 is True and self.tau is None:
+            self.tau = 0.10
         super().__post_init__()
         if not (self.stage1 or self.stage2):
             raise ParameterError("todre: at least one of stage1 / stage2 must be on")
+        if not self.stage1:
+            if self.keep is not None:
+                raise ParameterError(f"todre: keep={self.keep!r} is stage 1's budget, which stage1=False switches "
+                                     "off; drop keep or turn stage 1 on")
+            check_unused(self, ["selection", "pivot", "seed"], "stage 1 settings, and stage1=False switches it off")
+        if not self.stage2:
+            check_unused(self, ["tau", "check_layer"], "stage 2 settings, and stage2=False switches it off")
         self._build()
+
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
+        raise NotImplementedError("todre acts through its parts (todre_diversity, todre_relevance)")
 
     def _build(self) -> None:
         self._parts = []

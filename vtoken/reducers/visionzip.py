@@ -8,10 +8,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from vtoken.errors import ParameterError, UnsupportedModelError
+from vtoken.budget import resolve_keep
+from vtoken.errors import BudgetError, ParameterError, UnsupportedModelError
 from vtoken.ops.select import topk_mask
 from vtoken.reducers._grid import from_grid, require_full_grid, to_grid
-from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput, check_range
 from vtoken.registry import register
 
 
@@ -37,14 +38,29 @@ class VisionZip(Reducer):
     """
 
     stage: ClassVar[Stage] = "boundary"
+    full_grid: ClassVar[bool] = True
     keep: int | float | None = 64
     dominant: int | None = None
     vision_layer: int = -1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "dominant", lo=0)
+        if self.dominant is not None and isinstance(self.keep, int) and self.dominant > self.keep:
+            raise BudgetError(self._too_many(self.keep))
+
+    def _too_many(self, k: int) -> str:
+        return (f"visionzip: dominant={self.dominant} exceeds the budget of {k} tokens per image; "
+                f"pass dominant <= {k} (the rest, keep - dominant, are contextual tokens) or a larger keep")
 
     def configure(self, info: ModelInfo) -> None:
         # Towers without a CLS token (Qwen2-VL): dominant tokens by the attention they receive from
         # all queries instead (vtoken's substitute; the paper has no such model).
         self._query = "cls" if info.has_cls else "all"
+        if self.dominant is not None and isinstance(self.keep, float) and info.vision_tokens:
+            k = resolve_keep(self.keep, info.vision_tokens)
+            if self.dominant > k:
+                raise BudgetError(self._too_many(k))
 
     def signals(self) -> tuple[SignalRequest, ...]:
         return (
@@ -55,8 +71,8 @@ class VisionZip(Reducer):
 
     def split(self, k: int) -> tuple[int, int]:
         d = round(k * 54 / 64) if self.dominant is None else self.dominant
-        if not 0 <= d <= k:
-            raise ParameterError(f"visionzip: dominant={d} must lie in [0, keep={k}]")
+        if not 0 <= d <= k:  # a fractional keep on an image smaller than the model's usual size
+            raise ParameterError(self._too_many(k))
         return d, k - d
 
     def select(self, x: StageInput) -> Selection:

@@ -1,0 +1,453 @@
+"""Train the LLaVA Shapes model on a CPU (`python -m vtoken.eval.train_cpu --out DIR`), in stages.
+
+Recipe (measured in docs/shapes.md):
+- geometry: 336 px images cut into 28-px patches, so 12x12 = 144 visual tokens see every benchmark
+  pixel (no downscaling) at a quarter of the LLM cost of the 576-token LLaVA-1.5 grid;
+- stage "vision": the CLIP tower alone learns dense per-patch labels from the renderer (for the object
+  centred in each patch: how many centres, shape, colour, character, x, y, log radius) through small
+  auxiliary heads on the projector's input (the feature layer); the heads live only in the checkpoint,
+  the saved model is a plain `LlavaForConditionalGeneration`;
+- stage "llm": the tower is frozen; projector + LLM learn to answer `--qa` questions per image as
+  successive turns (loss on the answers only), so the 144 visual tokens are paid once per 8-16 answers;
+- stage "joint": everything trains, the auxiliary loss is kept on the tower;
+- data: a pool of `--pool` rendered training scenes (train split stream); `--refresh` pool slots are
+  replaced by new scenes every step, so the data never repeats for long;
+- AdamW, bf16 autocast, per stage warm-up / constant / final linear decay (the constant part can be
+  extended by raising the stage's steps on resume); one torch thread by default;
+- resumable: a checkpoint (model, aux heads, optimiser, RNG, pool ids, curve) is written every
+  `--save-every` seconds as safetensors shards of at most 16 MB in `OUT/checkpoint/`; `--resume`
+  continues from it, bit-identically;
+- every `--eval-every` steps, accuracy per category on `--eval` validation questions (the runner's
+  own evaluation, split "val") is appended to `OUT/curve.jsonl`; `--save DIR` writes the bf16 model,
+  its processor and `vtoken.json` when the run ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vtoken.eval import models
+from vtoken.eval.font import CHARACTERS
+from vtoken.eval.shapes import CATEGORIES, COLORS, SHAPES, SIZE, _mask
+from vtoken.eval.train import (
+    _scene,
+    load_sharded,
+    make_batch,
+    pixels_llava,
+    save_sharded,
+)
+
+STAGES = ("vision", "llm", "joint")
+COLOR_NAMES = list(COLORS)
+HEADS = {"centres": 3, "shape": len(SHAPES), "color": len(COLORS), "char": len(CHARACTERS) + 1, "geom": 3,
+         "cover_shape": len(SHAPES) + 1, "cover_color": len(COLORS)}
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) -> dict[str, np.ndarray]:
+    """Dense per-patch targets for one scene on a side x side grid.
+
+    Centre targets: how many object centres fall in the patch (0, 1, 2+) and, for the largest such
+    object, its shape, colour, character (last class: none) and (x / size, y / size, log radius / log 40).
+    Cover targets: the shape (last class: background) and colour of the object with the most pixels in
+    the patch (at least `min_pixels`). Targets that do not apply are -1 (ignored).
+    """
+    n = side * side
+    cell = size / side
+    out = {"centres": np.zeros(n, np.int64), "shape": np.full(n, -1, np.int64),
+           "color": np.full(n, -1, np.int64), "char": np.full(n, -1, np.int64),
+           "geom": np.zeros((n, 3), np.float32), "cover_shape": np.full(n, len(SHAPES), np.int64),
+           "cover_color": np.full(n, -1, np.int64)}
+    best = np.zeros(n)
+    owner = np.full((size, size), len(objs), np.int64)  # object index per pixel (len(objs): background)
+    for j, o in enumerate(objs):
+        k = min(int(o.y // cell), side - 1) * side + min(int(o.x // cell), side - 1)
+        out["centres"][k] = min(out["centres"][k] + 1, 2)
+        if o.r > best[k]:
+            best[k] = o.r
+            out["shape"][k] = SHAPES.index(o.shape)
+            out["color"][k] = COLOR_NAMES.index(o.color)
+            out["char"][k] = len(CHARACTERS) if o.char is None else CHARACTERS.index(o.char)
+            out["geom"][k] = (o.x / size, o.y / size, math.log(o.r) / math.log(40.0))
+        x0, y0 = max(0, int(o.x - 1.3 * o.r) - 1), max(0, int(o.y - 1.3 * o.r) - 1)
+        x1, y1 = min(size, int(o.x + 1.3 * o.r) + 2), min(size, int(o.y + 1.3 * o.r) + 2)
+        owner[y0:y1, x0:x1][_mask(o, x0, y0, x1 - x0, y1 - y0)] = j
+    if side * int(cell) == size:
+        c = int(cell)
+        cells = owner.reshape(side, c, side, c).transpose(0, 2, 1, 3).reshape(n, c * c)
+        counts = np.stack([(cells == j).sum(1) for j in range(len(objs))], 1) if objs else np.zeros((n, 0))
+        if objs:
+            top = counts.argmax(1)
+            for k in np.flatnonzero(counts.max(1) >= min_pixels):
+                o = objs[int(top[k])]
+                out["cover_shape"][k] = SHAPES.index(o.shape)
+                out["cover_color"][k] = COLOR_NAMES.index(o.color)
+    return out
+
+
+class Pool:
+    """`n` rendered training scenes (uint8 images, object lists, patch labels), refreshed slot by slot.
+
+    Slot contents are scene ids of the training stream (`train._scene(seed, id)`), so a pool is
+    rebuilt exactly from its ids.
+    """
+
+    def __init__(self, n: int, seed: int, side: int, ids: list[int] | None = None, next_id: int | None = None):
+        self.seed, self.side = seed, side
+        self.ids = list(range(n)) if ids is None else list(ids)
+        self.next_id = len(self.ids) if next_id is None else next_id
+        self.images = torch.empty((len(self.ids), SIZE, SIZE, 3), dtype=torch.uint8)
+        self.objs: list[list] = [[] for _ in self.ids]
+        self.labels = {k: torch.empty((len(self.ids), side * side, *( (3,) if k == "geom" else ())),
+                                      dtype=torch.float32 if k == "geom" else torch.long) for k in HEADS}
+        for slot, sid in enumerate(self.ids):
+            self._fill(slot, sid)
+
+    def _fill(self, slot: int, sid: int) -> None:
+        image, objs = _scene((self.seed, sid))
+        self.images[slot] = torch.from_numpy(image)
+        self.objs[slot] = objs
+        for k, v in patch_labels(objs, self.side).items():
+            self.labels[k][slot] = torch.from_numpy(v)
+        self.ids[slot] = sid
+
+    def refresh(self, count: int, rng: np.random.Generator) -> None:
+        """Replace `count` random slots with new scenes."""
+        for slot in rng.integers(0, len(self.ids), count).tolist():
+            self._fill(slot, self.next_id)
+            self.next_id += 1
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+
+def build(vision: tuple[int, int, int], llm: tuple[int, int, int, int], patch: int,
+          feature_layer: int = -2) -> tuple[nn.Module, Any]:
+    """(LlavaForConditionalGeneration, processor) with `patch`-px patches on 336 px images, the projector
+    reading vision layer `feature_layer` (LLaVA-1.5: -2)."""
+    from transformers import LlavaForConditionalGeneration
+
+    proc = models.build_processor(SIZE, patch_size=patch)
+    tok = proc.tokenizer
+    cfg = models.shapes_config(len(tok), tok.convert_tokens_to_ids("<image>"), vision, llm, image_size=SIZE)
+    cfg.vision_config.patch_size = patch
+    cfg.vision_feature_layer = feature_layer
+    return LlavaForConditionalGeneration(cfg), proc
+
+
+class AuxHeads(nn.Module):
+    """Per-patch classifiers / regressors on the vision features (training only, never saved)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in HEADS.items()})
+
+    def forward(self, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        h = self.norm(feats.float())
+        loss = torch.zeros((), device=feats.device)
+        acc = {}
+        for k, head in self.heads.items():
+            pred = head(h)
+            y = labels[k]
+            if k == "geom":
+                m = (labels["centres"] > 0).float()[..., None]
+                loss = loss + 10 * ((pred - y) ** 2 * m).sum() / m.sum().clamp(min=1) / 3
+                continue
+            loss = loss + F.cross_entropy(pred.flatten(0, 1), y.flatten(), ignore_index=-1)
+            valid = y >= 0
+            acc[k] = ((pred.argmax(-1) == y) & valid).sum() / valid.sum().clamp(min=1)
+        return loss, acc
+
+
+def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The projector's input: the feature layer's patch tokens (CLS dropped), (B, N, width)."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+# --- schedule and checkpoints ------------------------------------------------------------------------
+
+
+def stage_of(step: int, lengths: dict[str, int]) -> tuple[str, int, int] | None:
+    """(stage, step within the stage, stage length) for a global step, or None when all are done."""
+    start = 0
+    for name in STAGES:
+        if step < start + lengths[name]:
+            return name, step - start, lengths[name]
+        start += lengths[name]
+    return None
+
+
+def lr_factor(i: int, n: int, warmup: int, decay: float) -> float:
+    """Linear warm-up, constant, then a linear decay to 10% over the last `decay` fraction."""
+    if i < warmup:
+        return (i + 1) / warmup
+    tail = int(n * decay)
+    if i >= n - tail:
+        return max(0.1, (n - i) / max(tail, 1))
+    return 1.0
+
+
+def save_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
+                    state: dict[str, Any], rng: np.random.Generator) -> None:
+    """Model, aux heads and optimiser as <= 16 MB shards plus state.json (written last)."""
+    from vtoken.eval.train import _flat_optimizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    save_sharded(model.state_dict(), folder, "model")
+    save_sharded(aux.state_dict(), folder, "aux")
+    tensors, meta = _flat_optimizer(opt)
+    save_sharded(tensors, folder, "optim")
+    full = {**state, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state().tolist(), "optimizer": meta}
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(full))
+    tmp.replace(folder / "state.json")
+
+
+def load_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
+                    rng: np.random.Generator) -> dict[str, Any]:
+    model.load_state_dict(load_sharded(folder, "model"))
+    aux.load_state_dict(load_sharded(folder, "aux"))
+    state = json.loads((folder / "state.json").read_text())
+    rng.bit_generator.state = state.pop("rng")
+    torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    meta = state.pop("optimizer")
+    tensors = load_sharded(folder, "optim")
+    if tensors:
+        sd: dict[str, Any] = {"param_groups": meta["param_groups"], "state": {}}
+        for pid, st in meta["state"].items():
+            sd["state"][int(pid)] = dict(st)
+        for name, t in tensors.items():
+            pid, k = name.split(".", 1)
+            sd["state"][int(pid)][k] = t
+        opt.load_state_dict(sd)
+    else:
+        print("checkpoint has no optimiser shards; the optimiser starts afresh")
+    return state
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+def validate(model: nn.Module, proc: Any, batches: list) -> dict[str, Any]:
+    from vtoken.eval import runner
+
+    model.eval()
+    rec = runner.evaluate(model, proc, "none", {}, batches=batches, timing_batches=0, progress=False)
+    model.train()
+    return {"accuracy": rec["metrics"]["accuracy"], "per_category": rec["metrics"]["per_category"]}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+    torch.manual_seed(args.seed)
+    model, proc = build(args.vision, args.llm, args.patch, args.feature_layer)
+    side = SIZE // args.patch
+    tokens = side * side
+    aux = AuxHeads(args.vision[1])
+    model.train()
+    params = [*model.parameters(), *aux.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    rng = np.random.default_rng(args.seed)
+    lengths = {"vision": args.vision_steps, "llm": args.llm_steps, "joint": args.joint_steps}
+    state: dict[str, Any] = {"step": 0, "minutes": 0.0, "images": 0, "answers": 0, "curve": []}
+    pool_ids, next_id = None, None
+    if args.resume and (ckpt / "state.json").exists():
+        state = load_checkpoint(ckpt, model, aux, opt, rng)
+        pool_ids, next_id = state.pop("pool_ids"), state.pop("next_id")
+        print(f"resumed from {ckpt} at step {state['step']} ({state['minutes']:.1f} min so far)", flush=True)
+    t0 = time.time()
+    pool = Pool(args.pool, args.seed, side, pool_ids, next_id)
+    print(f"pool of {args.pool} scenes rendered in {time.time() - t0:.1f}s", flush=True)
+    val = None
+    if args.eval:
+        from vtoken.eval import runner
+
+        val = runner.make_batches(proc, "shapes", args.eval, 50, seed=args.seed, split="val")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    curve_file = out / "curve.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    session_start = time.time()
+    base_minutes = state["minutes"]
+    last_save = time.time()
+    logs: list[dict[str, float]] = []
+
+    def minutes() -> float:
+        return base_minutes + (time.time() - session_start) / 60
+
+    def checkpoint() -> None:
+        state["minutes"] = round(minutes(), 3)
+        save_checkpoint(ckpt, model, aux, opt, {**state, "pool_ids": pool.ids, "next_id": pool.next_id,
+                                                "args": _jsonable(vars(args))}, rng)
+
+    def evaluate_now(stage: str) -> None:
+        if val is None:
+            return
+        point = {"step": state["step"], "stage": stage, "images": state["images"], "answers": state["answers"],
+                 "minutes": round(minutes(), 2), **validate(model, proc, val)}
+        state["curve"].append(point)
+        with curve_file.open("a") as f:
+            f.write(json.dumps(point) + "\n")
+        cats = " ".join(f"{c[:4]} {100 * point['per_category'].get(c, 0):.0f}" for c in CATEGORIES)
+        print(f"[val] step {point['step']} {point['minutes']:.1f} min acc {100 * point['accuracy']:.1f} | {cats}",
+              flush=True)
+
+    stop_at = time.time() + args.minutes * 60
+    while time.time() < stop_at:
+        where = stage_of(state["step"], lengths)
+        if where is None:
+            break
+        stage, i, n = where
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(stage != "llm")
+        for p in [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
+                  *model.lm_head.parameters()]:
+            p.requires_grad_(stage != "vision")
+        for p in aux.parameters():
+            p.requires_grad_(stage != "llm")
+        peak = {"vision": args.vision_lr, "llm": args.lr, "joint": args.joint_lr}[stage]
+        for g in opt.param_groups:
+            g["lr"] = peak * lr_factor(i, n, args.warmup, args.decay)
+        batch_size = args.vision_batch if stage == "vision" else args.batch
+        ids = torch.from_numpy(rng.integers(0, len(pool.ids), batch_size))
+        px = pixels_llava(pool.images[ids])
+        labels = {k: v[ids] for k, v in pool.labels.items()}
+        log: dict[str, float] = {}
+        with autocast:
+            if stage == "vision":
+                loss, acc = aux(vision_features(model, px), labels)
+                log.update({f"aux_{k}": v for k, v in acc.items()})
+            else:
+                batch = make_batch(ids, pool.objs, proc, args.qa, rng, tokens)
+                feats: dict[str, torch.Tensor] = {}
+                hook = None
+                if stage == "joint":
+                    layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
+                    hook = layer.register_forward_hook(_capture(feats))
+                loss = model(**batch, pixel_values=px).loss
+                log["lm"] = loss.detach()
+                if hook is not None:
+                    hook.remove()
+                    aux_loss, _ = aux(feats["h"][:, 1:], labels)
+                    log["aux"] = aux_loss.detach()
+                    loss = loss + args.aux_weight * aux_loss
+                state["answers"] += batch_size * args.qa
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        pool.refresh(args.refresh, rng)
+        state["step"] += 1
+        state["images"] += batch_size
+        logs.append({"loss": loss.detach(), **log})
+        if state["step"] % args.log_every == 0:
+            mean = {k: float(torch.stack([torch.as_tensor(x[k]) for x in logs if k in x]).float().mean())
+                    for k in logs[-1]}
+            logs = []
+            text = " ".join(f"{k} {v:.3f}" for k, v in mean.items())
+            print(f"step {state['step']} [{stage}] {text} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{minutes():.1f} min", flush=True)
+        if args.eval_every and state["step"] % args.eval_every == 0 and stage != "vision":
+            evaluate_now(stage)
+        if time.time() - last_save > args.save_every:
+            checkpoint()
+            last_save = time.time()
+    done = stage_of(state["step"], lengths) is None
+    if val is not None and (not state["curve"] or state["curve"][-1]["step"] != state["step"]):
+        evaluate_now("end")
+    checkpoint()
+    result = {"steps": state["step"], "images": state["images"], "answers": state["answers"],
+              "minutes": round(minutes(), 2), "finished": done,
+              "command": "python -m vtoken.eval.train_cpu " + " ".join(sys.argv[1:])}
+    if state["curve"]:
+        result["val_accuracy"] = state["curve"][-1]["accuracy"]
+        result["val_per_category"] = state["curve"][-1]["per_category"]
+    if args.save:
+        save_model(model, proc, Path(args.save), {"arch": "llava", "recipe": "train_cpu", **result,
+                                                  "val_questions": args.eval})
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _capture(store: dict[str, torch.Tensor]) -> Any:
+    """A forward hook that keeps a layer's output tensor in `store["h"]`."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        store["h"] = output[0] if isinstance(output, tuple) else output
+
+    return hook
+
+
+def save_model(model: nn.Module, proc: Any, folder: Path, meta: dict[str, Any]) -> None:
+    """The plain LlavaForConditionalGeneration in bf16 with its processor and vtoken.json."""
+    import copy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    (folder / "vtoken.json").write_text(json.dumps(meta, indent=1))
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m vtoken.eval.train_cpu", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="run folder: checkpoint/ and curve.jsonl")
+    ap.add_argument("--save", help="write the final bf16 model + processor + vtoken.json here")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much time (resume later)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--patch", type=int, default=28, help="patch size in px on 336 px images (28: 144 tokens)")
+    ap.add_argument("--vision", type=_dims, default=(3, 128, 4), help="CLIP layers,width,heads")
+    ap.add_argument("--feature-layer", type=int, default=-1,
+                    help="vision layer the projector reads (-1: the last; LLaVA-1.5 uses -2)")
+    ap.add_argument("--llm", type=_dims, default=(4, 192, 6, 2), help="Llama layers,width,heads,kv-heads")
+    ap.add_argument("--pool", type=int, default=4000, help="rendered scenes held in memory")
+    ap.add_argument("--refresh", type=int, default=2, help="pool slots replaced by new scenes per step")
+    ap.add_argument("--vision-steps", type=int, default=1500)
+    ap.add_argument("--llm-steps", type=int, default=8000)
+    ap.add_argument("--joint-steps", type=int, default=1000)
+    ap.add_argument("--vision-batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--qa", type=int, default=12, help="question turns per image and sequence")
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--joint-lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--decay", type=float, default=0.2, help="final fraction of each stage with linear decay")
+    ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--eval", type=int, default=280, help="validation questions per curve point (0: none)")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--save-every", type=float, default=600.0, help="seconds between checkpoints")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse())
