@@ -215,6 +215,9 @@ class HFVisionLanguageAdapter(Adapter):
             self.handles.append(layer.mlp.register_forward_hook(self._ttv_hook(ttv[0].query), with_kwargs=True))
         self.install_vision()
 
+    def prefill_starts(self, inputs: dict[str, Any]) -> None:
+        """A prefill call begins (before its vision tower runs); subclasses may drop stale captures."""
+
     def install_vision(self) -> None:
         """Install vision-tower hooks (statistics, vision signals); subclasses override."""
 
@@ -288,6 +291,7 @@ class HFVisionLanguageAdapter(Adapter):
         if not images:
             return None
         call.mode = "prefill"
+        self.prefill_starts(inputs)
         call.images = images
         call.inputs = inputs
         call.valid = valid

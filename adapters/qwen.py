@@ -136,6 +136,10 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         if any(r.kind == "vision_features" for r in reqs):
             self.handles.append(visual.merger.register_forward_pre_hook(self._capture_merger_input))
 
+    def prefill_starts(self, inputs: dict[str, Any]) -> None:
+        if inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None:
+            self.vision_runs, self._runs_used = [], False  # this call encodes its own images
+
     def _vision_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         thw = args[1] if len(args) > 1 else kwargs.get("grid_thw")
         pixels = args[0] if args else kwargs.get("hidden_states")
