@@ -342,7 +342,9 @@ class HFVisionLanguageAdapter(Adapter):
                         inputs[name] = inputs[name][..., -new:]
                 inputs[key] = x[:, -new:]
                 q = new
-        new_images = self.image_token_mask(inputs) if key == "input_ids" else None
+        # placeholders among the new tokens with pixels passed: new images (a generated token that
+        # happens to be the placeholder id, with no pixels, is only a token)
+        new_images = self.image_token_mask(inputs) if key == "input_ids" and self.has_new_images(inputs) else None
         if new_images is not None and bool(new_images.any()):
             raise LayoutError(
                 "vtoken cannot add images to a KV cache that already holds tokens (multi-turn with new "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import pixels
+from conftest import CACHE, cache_of, pixels
 
 import vtoken
 from vtoken.eval.tiny import (
@@ -107,3 +107,14 @@ def test_llava_next_stats_report_the_pinned_newlines():
     assert st.pinned_tokens == newlines
     assert [v - n for v, n in zip(st.visual_tokens, newlines)] == [4, 4]  # the budget itself is met
     assert "pinned" in st.summary()
+
+
+def test_a_generated_placeholder_token_is_not_a_new_image():
+    """A random model may generate the image placeholder id: with no pixels it is only a token."""
+    model, inp = tiny_llava(seed=0), _llava_inputs()
+    with vtoken.patch(model, "random", keep=5), torch.no_grad():
+        out = model(**inp, use_cache=True)
+        mask = torch.cat([inp["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+        step = model(input_ids=torch.full((2, 1), IMAGE_TOKEN), attention_mask=mask, use_cache=True,
+                     **{CACHE: cache_of(out)})
+    assert step.logits.shape[:2] == (2, 1)
