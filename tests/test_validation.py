@@ -19,6 +19,13 @@ from vtoken.eval.tiny import tiny_llava
 from vtoken.reducers.base import Reducer, Selection, StageInput
 
 
+@pytest.fixture(autouse=True)
+def _unpatched_llava(llava):
+    """A test that fails with a patch left on the shared model must not fail the tests after it."""
+    yield
+    vtoken.unpatch(llava)
+
+
 def run(model, **inputs):
     with torch.no_grad():
         return model(**inputs)
@@ -185,6 +192,10 @@ def test_deepcopy_of_handle_and_model_together():
     p = vtoken.patch(model, "random", keep=6)
     twin_model, twin_patch = copy.deepcopy((model, p))
     assert twin_patch is vtoken.patched(twin_model) and twin_patch is not p
+    with p.prompt([5, 6, 7]):  # a copy made inside a prompt block is outside it
+        twin = copy.deepcopy(model)
+    assert vtoken.patched(twin).runtime.prompt_end is None
+    run(twin, **make_batch([make_prompt(1), make_prompt(1, seed=2)]), pixel_values=pixels(2))
     p.remove()
     assert copy.deepcopy(p) is p  # a removed handle has nothing to copy
 

@@ -76,7 +76,7 @@ class Patch:
         model = self._model()
         check = None
         if isinstance(value, list) and model is not None:
-            check = model.register_forward_pre_hook(self._check_prompt_batch, with_kwargs=True, prepend=True)
+            check = model.register_forward_pre_hook(_PromptCheck(self.runtime), with_kwargs=True, prepend=True)
         self.runtime.prompt_end = value
         try:
             yield self
@@ -84,21 +84,6 @@ class Patch:
             self.runtime.prompt_end = prev
             if check is not None:
                 check.remove()
-
-    def _check_prompt_batch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        lengths = self.runtime.prompt_end
-        if not isinstance(lengths, list) or len(lengths) == 1:
-            return
-        rows = None
-        for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                rows = x.shape[0]
-                break
-        if rows is not None and rows != len(lengths):
-            raise LayoutError(
-                f"p.prompt was given {len(lengths)} prompt lengths but this call has a batch of {rows}; pass one "
-                "length per sample (with beam search or num_return_sequences, one per expanded row) or one int"
-            )
 
     @property
     def layout(self) -> Layout | None:
@@ -158,6 +143,32 @@ class Patch:
         return self if twin is None else twin  # None only while the model itself is still being copied
 
 
+class _PromptCheck:
+    """Forward pre-hook while a `Patch.prompt` block with one length per sample is open: a list whose
+    length is not the batch size is a clear error at the call (a deep copy of the model drops it)."""
+
+    def __init__(self, runtime: Runtime | None) -> None:
+        self.runtime = runtime
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        lengths = None if self.runtime is None else self.runtime.prompt_end
+        if not isinstance(lengths, list) or len(lengths) == 1:
+            return
+        rows = None
+        for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                rows = x.shape[0]
+                break
+        if rows is not None and rows != len(lengths):
+            raise LayoutError(
+                f"p.prompt was given {len(lengths)} prompt lengths but this call has a batch of {rows}; pass one "
+                "length per sample (with beam search or num_return_sequences, one per expanded row) or one int"
+            )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PromptCheck:
+        return _PromptCheck(None)  # the copy is outside the original's prompt block
+
+
 class _Guard:
     """A no-op forward hook on every patched model that carries its patch through `copy.deepcopy`.
 
@@ -188,6 +199,8 @@ class _Guard:
         for fn, shell in shells:
             _fill(fn, shell, memo)
         adapter = copy.deepcopy(old.adapter, memo)
+        if isinstance(getattr(adapter, "runtime", None), Runtime):
+            adapter.runtime.prompt_end = None  # the copy is outside the original's prompt block
         for h in old.adapter.handles:  # hook dicts already copied before the guard (unusual): rebind in place
             if isinstance(h, RemovableHandle) and (d := h.hooks_dict_ref()) is not None and id(d) in memo:
                 fn, twin_dict = d.get(h.id), memo[id(d)]
