@@ -94,8 +94,8 @@ class Call:
     signal_flops: int = 0
     next_pos: torch.Tensor | None = None  # (B,) or (axes, B): first position after the prompt
     done: bool = False  # the forward has returned (hooks firing now are a backward recomputation)
-    replay: dict[int, torch.Tensor | None] = field(default_factory=dict)  # layer -> rows kept there (grad)
-    replay_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> kwargs it was given
+    # with autograd on: per layer, (rows it kept, kwargs vtoken gave it), for a checkpoint's recomputation
+    replay: dict[int, tuple[torch.Tensor | None, dict[str, Any] | None]] = field(default_factory=dict)
     text_after: list[int] = field(default_factory=list)  # host: prompt tokens after each sample's last image
     point: dict[str, Any] | None = None  # the decoder point being reduced: its layer and input
     ttv: torch.Tensor | None = None  # (B, L_orig + 1) TTV accumulated per original column
@@ -336,9 +336,9 @@ class HFVisionLanguageAdapter(Adapter):
                     f"{seen} (the reduced prompt and {appended} generated tokens); pass a mask over the whole "
                     "sequence including the new tokens"
                 )
-            if q > new:
-                for name in (key, "position_ids", *compat.TOKEN_TYPE_INPUTS):
-                    if inputs.get(name) is not None and name != key:
+            if q > new:  # per-token inputs keep their last `new` tokens (seq is the last dim but for embeds)
+                for name in ("position_ids", *compat.TOKEN_TYPE_INPUTS):
+                    if inputs.get(name) is not None:
                         inputs[name] = inputs[name][..., -new:]
                 inputs[key] = x[:, -new:]
                 q = new
@@ -402,8 +402,7 @@ class HFVisionLanguageAdapter(Adapter):
                 if self.vtu is not None and not exact:  # expand: the cache holds the virtual (original) rows
                     segments = [s for s in segments if s.layer != 0]
                 state = DecodeState(segments, final.orig_len, final.shape[0], list(call.lengths),
-                                    call.next_pos,
-                                    vtu=call.vtu if exact else None)
+                                    call.next_pos, vtu=call.vtu if exact else None)
                 setattr(cache, STATE_ATTR, state)
             if call.logits_to_keep is not None:
                 ltk = call.logits_to_keep
@@ -596,10 +595,9 @@ class HFVisionLanguageAdapter(Adapter):
                 call.seg_kwargs = seg
                 hidden = res.hidden
                 reduced_here = res.src
-        if i in rt.decoder and torch.is_grad_enabled():  # what a recomputation must repeat
-            call.replay[i] = reduced_here
+        if torch.is_grad_enabled() and (reduced_here is not None or call.seg_kwargs is not None):
+            call.replay[i] = (reduced_here, call.seg_kwargs)  # what a recomputation must repeat
         if call.seg_kwargs is not None:
-            call.replay_kwargs[i] = call.seg_kwargs
             kwargs = dict(kwargs, **call.seg_kwargs)
         if i in self._signal_layers():
             call.captures.setdefault(i, {}).update(
@@ -613,13 +611,11 @@ class HFVisionLanguageAdapter(Adapter):
 
     def _replay(self, i: int, args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> Any:
         """Layer i's rewrite from the forward, applied to the recomputation's (identical) inputs."""
-        call = self.call
-        src = call.replay.get(i)
+        if i not in self.call.replay:
+            return None
+        src, seg = self.call.replay[i]
         if src is not None:
             hidden = gather_rows(hidden, src, fill=0)
-        seg = call.replay_kwargs.get(i)
-        if seg is None and src is None:
-            return None
         if seg is not None:
             kwargs = dict(kwargs, **seg)
         if args:
@@ -739,6 +735,11 @@ class HFVisionLanguageAdapter(Adapter):
         end = self.runtime.prompt_end if self.runtime.prompt_end is not None else self.call.prompt_end
         if end is None:
             return layout.valid
+        if isinstance(end, list) and len(end) not in (1, layout.shape[0]):
+            raise LayoutError(
+                f"p.prompt was given {len(end)} prompt lengths but this call has a batch of {layout.shape[0]}; pass "
+                "one length per sample (with beam search or num_return_sequences, one per expanded row) or one int"
+            )
         end_t = torch.as_tensor(end, device=layout.valid.device).expand(layout.shape[0])
         return layout.valid & (layout.index < end_t[:, None])
 

@@ -131,6 +131,21 @@ def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     return tensors, meta
 
 
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of `_flat_optimizer`; with no tensors (only the model shards travelled) the optimiser
+    starts afresh."""
+    if not tensors:
+        print("checkpoint has no optimiser shards; the optimiser starts afresh")
+        return
+    sd: dict[str, Any] = {"param_groups": meta["param_groups"], "state": {}}
+    for pid, st in meta["state"].items():
+        sd["state"][int(pid)] = dict(st)
+    for name, t in tensors.items():
+        pid, k = name.split(".", 1)
+        sd["state"][int(pid)][k] = t
+    opt.load_state_dict(sd)
+
+
 def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, prefix: str) -> list[str]:
     """safetensors shards of at most 16 MB each (a tensor larger than that is split along dim 0)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,17 +202,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, opt: torch.optim.Optim
     rng.bit_generator.state = state["rng"]
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     tensors = load_sharded(folder, "optim")
-    if not tensors:  # only the model shards travelled: continue with a fresh optimiser
-        print("checkpoint has no optimiser shards; the optimiser starts afresh")
-        return int(state["step"])
-    meta = state["optimizer"]
-    sd = {"param_groups": meta["param_groups"], "state": {}}
-    for pid, st in meta["state"].items():
-        sd["state"][int(pid)] = dict(st)
-    for name, t in tensors.items():
-        pid, k = name.split(".", 1)
-        sd["state"][int(pid)][k] = t
-    opt.load_state_dict(sd)
+    load_optimizer(opt, tensors, state["optimizer"])
     return int(state["step"])
 
 

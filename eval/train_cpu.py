@@ -41,7 +41,9 @@ from vtoken.eval import models
 from vtoken.eval.font import CHARACTERS
 from vtoken.eval.shapes import CATEGORIES, COLORS, SHAPES, SIZE, _mask
 from vtoken.eval.train import (
+    _flat_optimizer,
     _scene,
+    load_optimizer,
     load_sharded,
     make_batch,
     pixels_llava,
@@ -205,8 +207,6 @@ def lr_factor(i: int, n: int, warmup: int, decay: float) -> float:
 def save_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
                     state: dict[str, Any], rng: np.random.Generator) -> None:
     """Model, aux heads and optimiser as <= 16 MB shards plus state.json (written last)."""
-    from vtoken.eval.train import _flat_optimizer
-
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.safetensors"):
         old.unlink()
@@ -227,18 +227,7 @@ def load_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.o
     state = json.loads((folder / "state.json").read_text())
     rng.bit_generator.state = state.pop("rng")
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
-    meta = state.pop("optimizer")
-    tensors = load_sharded(folder, "optim")
-    if tensors:
-        sd: dict[str, Any] = {"param_groups": meta["param_groups"], "state": {}}
-        for pid, st in meta["state"].items():
-            sd["state"][int(pid)] = dict(st)
-        for name, t in tensors.items():
-            pid, k = name.split(".", 1)
-            sd["state"][int(pid)][k] = t
-        opt.load_state_dict(sd)
-    else:
-        print("checkpoint has no optimiser shards; the optimiser starts afresh")
+    load_optimizer(opt, load_sharded(folder, "optim"), state.pop("optimizer"))
     return state
 
 

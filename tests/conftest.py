@@ -9,7 +9,20 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vtoken.eval.tiny import IMAGE_TOKEN, pad_batch, tiny_llava
+from vtoken.eval.tiny import (
+    IMAGE_TOKEN,
+    QWEN_END,
+    QWEN_IMAGE,
+    QWEN_START,
+    next_inputs,
+    pad_batch,
+    qwen_inputs,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen,
+)
+
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 
 # the KV cache argument / output field of the installed transformers ("cache" from 5.24 on)
 CACHE = "cache" if "cache" in inspect.signature(LlavaForConditionalGeneration.forward).parameters else "past_key_values"
@@ -56,3 +69,29 @@ def llava() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def llava_eager() -> torch.nn.Module:
     return tiny_llava(seed=0, attn="eager")
+
+
+def family_setup(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[int]]:
+    """(tiny model, a left-padded batch of two samples with one image each, tokens to suppress in generate)."""
+    if family == "llava":
+        ids = [[1, 5, 6, *([IMAGE_TOKEN] * 36), 7, 8, 9], [1, *([IMAGE_TOKEN] * 36), 7, 8, 9, 10, 11, 12]]
+        inp = pad_batch(ids)
+        inp["pixel_values"] = pixels(2)
+        return tiny_llava(seed=0), inp, [IMAGE_TOKEN]
+    if family == "llava_next":
+        model = tiny_llava_next(seed=0)
+        return model, next_inputs(model, [[(56, 112)], [(112, 112)]], seed=1), [IMAGE_TOKEN]
+    return tiny_qwen(family), qwen_inputs([[(8, 12)], [(8, 8)]], seed=1), [QWEN_IMAGE, QWEN_START, QWEN_END]
+
+
+def recompute_inputs(family: str, inp: dict[str, torch.Tensor], seq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs of `family_setup` extended to the token sequence `seq` (prompt + appended tokens), for a
+    full recompute without cache: the mask grows, positions follow it (M-RoPE: the model derives them)."""
+    n = inp["input_ids"].shape[1]
+    mask = torch.cat([inp["attention_mask"], torch.ones(seq.shape[0], seq.shape[1] - n, dtype=torch.long)], 1)
+    out = dict(inp, input_ids=seq, attention_mask=mask)
+    if family.startswith("qwen"):
+        out["mm_token_type_ids"] = (seq == QWEN_IMAGE).int()
+    else:
+        out["position_ids"] = positions(mask)
+    return out

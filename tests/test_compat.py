@@ -11,54 +11,17 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import CACHE, cache_of, pixels, positions
+from conftest import CACHE, FAMILIES, cache_of, family_setup, pixels, recompute_inputs
 
 import vtoken
 from vtoken.adapters.hf import compat
 from vtoken.eval.tiny import IMAGE_TOKEN as LLAVA_IMAGE
-from vtoken.eval.tiny import (
-    QWEN_END,
-    QWEN_IMAGE,
-    QWEN_START,
-    next_inputs,
-    pad_batch,
-    qwen_inputs,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_qwen,
-)
-
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
-
-
-def _model_and_inputs(family: str):
-    if family == "llava":
-        model = tiny_llava(seed=0)
-        ids = [[1, 5, 6, *([LLAVA_IMAGE] * 36), 7, 8, 9], [1, *([LLAVA_IMAGE] * 36), 7, 8, 9, 10, 11, 12]]
-        inp = pad_batch(ids)
-        inp["pixel_values"] = pixels(2)
-        return model, inp, [LLAVA_IMAGE]
-    if family == "llava_next":
-        model = tiny_llava_next(seed=0)
-        return model, next_inputs(model, [[(56, 112)], [(112, 112)]], seed=1), [LLAVA_IMAGE]
-    model = tiny_qwen(family)
-    return model, qwen_inputs([[(8, 12)], [(8, 8)]], seed=1), [QWEN_IMAGE, QWEN_START, QWEN_END]
-
-
-def _full(family: str, inp: dict, seq: torch.Tensor) -> dict:
-    n = inp["input_ids"].shape[1]
-    mask = torch.cat([inp["attention_mask"], torch.ones(seq.shape[0], seq.shape[1] - n, dtype=torch.long)], 1)
-    out = dict(inp, input_ids=seq, attention_mask=mask)
-    if family.startswith("qwen"):
-        out["mm_token_type_ids"] = (seq == QWEN_IMAGE).int()
-    else:
-        out["position_ids"] = positions(mask)
-    return out
+from vtoken.eval.tiny import tiny_llava
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
-    return (request.param, *_model_and_inputs(request.param))
+    return (request.param, *family_setup(request.param))
 
 
 def test_every_probe_resolves_to_a_real_name(family_model):
@@ -84,7 +47,7 @@ def test_cached_decode_equals_recompute(family_model):
         out = model.generate(**inp, max_new_tokens=3, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=0, suppress_tokens=image)
         with p.prompt(n):
-            full = model(**_full(family, inp, out.sequences[:, :-1]), use_cache=False).logits
+            full = model(**recompute_inputs(family, inp, out.sequences[:, :-1]), use_cache=False).logits
         before = (inp["input_ids"] == image[0]).sum(1).tolist()
         assert all(a < b for a, b in zip(p.stats.visual_tokens, before))  # the reduction did something
     torch.testing.assert_close(full[:, n - 1:], torch.stack(out.logits, 1), atol=3e-5, rtol=1e-4)
@@ -120,7 +83,7 @@ def test_vtoken_calls_raise_no_deprecation(family_model):
 def test_plain_cached_step_equals_recompute_llava():
     """model(input_ids=next, <cache>=cache) after a reducing prefill, with the cache passed under the
     probed name and no mask or positions: the step is numbered after the original prompt."""
-    model, _, _ = _model_and_inputs("llava")
+    model, _, _ = family_setup("llava")
     ids = torch.tensor([[1, 5, 6, *([LLAVA_IMAGE] * 36), 7, 8, 9]] * 2)
     ids[1, 1] = 17
     px = pixels(2)

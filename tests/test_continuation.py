@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CACHE, cache_of, pixels, positions
+from conftest import CACHE, cache_of, family_setup, recompute_inputs
 
 import vtoken
-from vtoken.eval.tiny import (
-    IMAGE_TOKEN,
-    QWEN_END,
-    QWEN_IMAGE,
-    QWEN_START,
-    next_inputs,
-    pad_batch,
-    qwen_inputs,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_qwen,
-)
+from vtoken.eval.tiny import IMAGE_TOKEN, QWEN_IMAGE
 
 BOUNDARY = [("random", {"keep": 5}), ("pool", {"keep": 4}), ("hiprune", {"keep": 5}), ("visionzip", {"keep": 5}),
             ("divprune", {"keep": 5}), ("todre", {"keep": 5})]
@@ -29,37 +18,13 @@ CASES = ([("llava", n, p) for n, p in BOUNDARY + ENCODER]
          + [(k, n, p) for k in ("qwen2_vl", "qwen2_5_vl") for n, p in BOUNDARY[:4]])
 
 
-def _setup(family: str):
-    if family == "llava":
-        model = tiny_llava(seed=0)
-        ids = [[1, 5, 6, *([IMAGE_TOKEN] * 36), 7, 8, 9], [1, *([IMAGE_TOKEN] * 36), 7, 8, 9, 10, 11, 12]]
-        inp = pad_batch(ids)
-        inp["pixel_values"] = pixels(2)
-        return model, inp, [IMAGE_TOKEN]
-    if family == "llava_next":
-        model = tiny_llava_next(seed=0)
-        return model, next_inputs(model, [[(56, 112)], [(112, 112)]], seed=1), [IMAGE_TOKEN]
-    return tiny_qwen(family), qwen_inputs([[(8, 12)], [(8, 8)]], seed=1), [QWEN_IMAGE, QWEN_START, QWEN_END]
-
-
 _MODELS: dict[str, tuple] = {}
 
 
 def setup(family: str):
     if family not in _MODELS:
-        _MODELS[family] = _setup(family)
+        _MODELS[family] = family_setup(family)
     return _MODELS[family]
-
-
-def full_inputs(family: str, inp: dict, seq: torch.Tensor) -> dict:
-    n = inp["input_ids"].shape[1]
-    mask = torch.cat([inp["attention_mask"], torch.ones(seq.shape[0], seq.shape[1] - n, dtype=torch.long)], 1)
-    out = dict(inp, input_ids=seq, attention_mask=mask)
-    if family.startswith("qwen"):
-        out["mm_token_type_ids"] = (seq == QWEN_IMAGE).int()
-    else:
-        out["position_ids"] = positions(mask)
-    return out
 
 
 def gen(model, suppress, **kw):
@@ -80,12 +45,12 @@ def test_multi_turn_generate_continues_a_reduced_cache(family, name, params):
         held = cache.get_seq_length()
         assert held < n  # the cache holds the reduced prompt
         turn2 = torch.cat([first.sequences, follow], 1)
-        second = gen(model, suppress, **full_inputs(family, inp, turn2), **{CACHE: cache})
+        second = gen(model, suppress, **recompute_inputs(family, inp, turn2), **{CACHE: cache})
         # the cache grew by the truly new tokens only (the last answer token, the follow-up, 2 generated)
         assert cache.get_seq_length() == held + 1 + 3 + 2
         whole = second.sequences[:, :-1]
         with p.prompt(n):
-            full = model(**full_inputs(family, inp, whole), use_cache=False).logits
+            full = model(**recompute_inputs(family, inp, whole), use_cache=False).logits
     torch.testing.assert_close(full[:, turn2.shape[1] - 1:], torch.stack(second.logits, 1), atol=5e-5, rtol=1e-4)
 
 
@@ -121,4 +86,4 @@ def test_new_images_in_a_continued_reduced_cache_are_refused():
         extra = torch.tensor([[IMAGE_TOKEN] * 36] * 2)
         turn2 = torch.cat([first.sequences, extra], 1)
         with pytest.raises(vtoken.LayoutError, match="multi-turn"):
-            gen(model, suppress, **full_inputs("llava", inp, turn2), **{CACHE: cache_of(first)})
+            gen(model, suppress, **recompute_inputs("llava", inp, turn2), **{CACHE: cache_of(first)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CACHE, cache_of, pixels
+from conftest import CACHE, cache_of, family_setup
 
 import vtoken
 from vtoken.eval.tiny import (
@@ -21,10 +21,7 @@ from vtoken.eval.tiny import (
 
 
 def _llava_inputs():
-    ids = [[1, 5, 6, *([IMAGE_TOKEN] * 36), 7, 8, 9], [1, *([IMAGE_TOKEN] * 36), 7, 8, 9, 10, 11, 12]]
-    inp = pad_batch(ids)
-    inp["pixel_values"] = pixels(2)
-    return inp
+    return family_setup("llava")[1]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])

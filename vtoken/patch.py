@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vtoken.adapter import Adapter, find_adapter
-from vtoken.errors import AlreadyPatchedError, LayoutError, ParameterError, UnsupportedModelError
+from vtoken.errors import AlreadyPatchedError, ParameterError, UnsupportedModelError
 from vtoken.ledger import Layout, image_rows
 from vtoken.reducers.base import Reducer, build
 from vtoken.registry import get
@@ -71,19 +71,13 @@ class Patch:
         generation without cache: the reduction then depends on the prompt alone, as it does in a
         cached generate. A list whose length is not the batch size of a call raises LayoutError there.
         """
-        value = _prompt_lengths(length)
+        value = _prompt_lengths(length)  # a list is checked against the batch where the adapter reads it
         prev = self.runtime.prompt_end
-        model = self._model()
-        check = None
-        if isinstance(value, list) and model is not None:
-            check = model.register_forward_pre_hook(_PromptCheck(self.runtime), with_kwargs=True, prepend=True)
         self.runtime.prompt_end = value
         try:
             yield self
         finally:
             self.runtime.prompt_end = prev
-            if check is not None:
-                check.remove()
 
     @property
     def layout(self) -> Layout | None:
@@ -141,32 +135,6 @@ class Patch:
             return self
         twin = patched(copy.deepcopy(model, memo))
         return self if twin is None else twin  # None only while the model itself is still being copied
-
-
-class _PromptCheck:
-    """Forward pre-hook while a `Patch.prompt` block with one length per sample is open: a list whose
-    length is not the batch size is a clear error at the call (a deep copy of the model drops it)."""
-
-    def __init__(self, runtime: Runtime | None) -> None:
-        self.runtime = runtime
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        lengths = None if self.runtime is None else self.runtime.prompt_end
-        if not isinstance(lengths, list) or len(lengths) == 1:
-            return
-        rows = None
-        for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
-            if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                rows = x.shape[0]
-                break
-        if rows is not None and rows != len(lengths):
-            raise LayoutError(
-                f"p.prompt was given {len(lengths)} prompt lengths but this call has a batch of {rows}; pass one "
-                "length per sample (with beam search or num_return_sequences, one per expanded row) or one int"
-            )
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _PromptCheck:
-        return _PromptCheck(None)  # the copy is outside the original's prompt block
 
 
 class _Guard:

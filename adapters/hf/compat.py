@@ -13,6 +13,7 @@ Tested range: `TESTED` (docs/compat.md says how to widen it).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from collections.abc import Callable
@@ -74,7 +75,7 @@ def find_cache(kwargs: dict[str, Any], name: str) -> Any:
     transformers renamed the argument again, which must not pass as "no cache" (a decode step would
     be taken for a prefill): it raises instead.
     """
-    found = [k for k in {name, *CACHE_NAMES} if kwargs.get(k) is not None]
+    found = [k for k in dict.fromkeys((name, *CACHE_NAMES)) if kwargs.get(k) is not None]
     if len(found) > 1:
         raise UnsupportedModelError(f"the call passes the KV cache twice ({', '.join(sorted(found))}); pass it once")
     if found:
@@ -105,11 +106,13 @@ class LMNames:
     rope: Callable[..., Any]  # apply_rotary_pos_emb of the LLM's attention module
 
     def cache(self, kwargs: dict[str, Any], where: str = "top") -> Any:
-        return find_cache(kwargs, {"top": self.top_cache, "lm": self.lm_cache, "layer": self.layer_cache}[where])
+        """The KV cache of a call of the VLM ("top"), its language model ("lm") or a decoder layer ("layer")."""
+        name = self.layer_cache if where == "layer" else self.lm_cache if where == "lm" else self.top_cache
+        return find_cache(kwargs, name)
 
     def output_cache_of(self, output: Any) -> Any:
         """The cache of a model output (never the deprecated alias, which warns)."""
-        if self.output_cache not in getattr(output, "__dataclass_fields__", {self.output_cache: None}):
+        if dataclasses.is_dataclass(output) and self.output_cache not in {f.name for f in dataclasses.fields(output)}:
             raise _missing(f"{type(output).__name__} has no `{self.output_cache}` field")
         return getattr(output, self.output_cache)
 
@@ -137,15 +140,16 @@ def module_function(module: nn.Module, name: str) -> Callable[..., Any]:
 def probe(model: nn.Module, lm: nn.Module, layer: nn.Module) -> LMNames:
     """Resolve the names for one VLM (`model`), its language model `lm` and one decoder `layer`."""
     top = model.forward
+    params = _params(top)
+    var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for name in ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "labels", "return_dict"):
-        if name not in _params(top) and not _has_var_kwargs(top):
+        if name not in params and not var_kwargs:
             raise _missing(f"{type(model).__name__}.forward takes no `{name}`")
     for name in ("inputs_embeds", "attention_mask", "position_ids"):
         _named(lm.forward, name, f"{type(lm).__name__}.forward")
     for name in ("hidden_states", "attention_mask", "position_embeddings"):
         _named(layer.forward, name, f"{type(layer).__name__}.forward")
     top_cache = _cache_param(top, f"{type(model).__name__}.forward")
-    params = _params(top)
     attn = getattr(layer, "self_attn", None)
     if attn is None:
         raise _missing(f"{type(layer).__name__} has no `self_attn`")
@@ -160,10 +164,6 @@ def probe(model: nn.Module, lm: nn.Module, layer: nn.Module) -> LMNames:
         logits_to_keep="logits_to_keep" if "logits_to_keep" in params else None,
         rope=module_function(attn, "apply_rotary_pos_emb"),
     )
-
-
-def _has_var_kwargs(fn: Callable[..., Any]) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _params(fn).values())
 
 
 def attribute(obj: Any, path: str, family: str) -> Any:

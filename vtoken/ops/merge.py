@@ -199,12 +199,18 @@ def energy_plan(metric: torch.Tensor, counts: list[int], k: list[int], margin: f
     slot_sorted = torch.where(protected, prot_slot, torch.where(is_b, b_slot, t))
     a_slot = slot_sorted.gather(1, target)
     slot_sorted = torch.where(is_a, a_slot, slot_sorted)
-    dest = torch.full((b, t), t, dtype=torch.long, device=device)
+    return _plan_from_slots(order, slot_sorted, prefix, counts, k)
+
+
+def _plan_from_slots(order: torch.Tensor, slot_sorted: torch.Tensor, prefix: int, counts: list[int],
+                     k: list[int]) -> MergePlan:
+    """The plan from each token's output slot, given in `order` (sorted) positions; prefix tokens stay."""
+    b, t = order.shape
+    dest = torch.full((b, t), t, dtype=torch.long, device=order.device)
     dest.scatter_(1, order, slot_sorted)
     if prefix:
-        dest[:, :prefix] = torch.arange(prefix, device=device)
-    new_counts = [c - x for c, x in zip(counts, k)]
-    return _finish(dest, new_counts, t)
+        dest[:, :prefix] = torch.arange(prefix, device=order.device)
+    return _finish(dest, [c - x for c, x in zip(counts, k)], t)
 
 
 def energy_bipartite_plan(metric: torch.Tensor, counts: list[int], k: list[int], margin: float, alpha: float = 1.0,
@@ -238,12 +244,7 @@ def energy_bipartite_plan(metric: torch.Tensor, counts: list[int], k: list[int],
     b_slot = prefix + unm.sum(1, keepdim=True) + is_b.long().cumsum(1) - 1
     slot_sorted = torch.where(unm, unm_slot, torch.where(is_b, b_slot, t))
     slot_sorted = torch.where(merged, slot_sorted.gather(1, target), slot_sorted)
-    dest = torch.full((b, t), t, dtype=torch.long, device=device)
-    dest.scatter_(1, order, slot_sorted)
-    if prefix:
-        dest[:, :prefix] = torch.arange(prefix, device=device)
-    new_counts = [c - x for c, x in zip(counts, k)]
-    return _finish(dest, new_counts, t)
+    return _plan_from_slots(order, slot_sorted, prefix, counts, k)
 
 
 def dymu_schedule(r_total: int, layers: int) -> list[int]:
