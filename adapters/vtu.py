@@ -21,6 +21,7 @@ row's attention output is the mean over its copies.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,9 @@ if TYPE_CHECKING:
     from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 
 EXACT = "vtoken_vtu_exact"
-_OWNERS: weakref.WeakKeyDictionary[nn.Module, HFVisionLanguageAdapter] = weakref.WeakKeyDictionary()
+# attention module -> its adapter, both held weakly (the adapter refers to the model: a strong value
+# would keep every exact-VTU model alive)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[HFVisionLanguageAdapter]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -78,7 +81,7 @@ class VirtualUnmerge:
                     handles.append(proj.register_forward_hook(self._proj_out))
                 handles.append(attn.o_proj.register_forward_pre_hook(self._o_in))
             else:
-                _OWNERS[attn] = self.adapter
+                _OWNERS[attn] = weakref.ref(self.adapter)
         if self.mode == "exact":
             compat.register_attention(EXACT, exact_attention)
             cfg = self.adapter.text_config()
@@ -158,6 +161,17 @@ class _Restore:
         if not _OWNERS:  # the last patch using it is gone: take the global registration back
             compat.unregister_attention(EXACT)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Restore:
+        """A deep copy of the patched model: its attention modules are managed by the copied adapter."""
+        new = _Restore(copy.deepcopy(self.cfg, memo), self.impl, copy.deepcopy(self.modules, memo))
+        memo[id(self)] = new
+        for old, twin in zip(self.modules, new.modules):
+            ref = _OWNERS.get(old)
+            owner = None if ref is None else ref()
+            if owner is not None:
+                _OWNERS[twin] = weakref.ref(copy.deepcopy(owner, memo))
+        return new
+
 
 def _rope_cs(adapter: HFVisionLanguageAdapter, like: torch.Tensor,
              pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +185,8 @@ def exact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention over the virtual sequence from unique, unrotated q/k (the VTU decomposition)."""
-    adapter = _OWNERS.get(module)
+    ref = _OWNERS.get(module)
+    adapter = None if ref is None else ref()
     if adapter is None:
         raise RuntimeError("vtoken's exact VTU attention was called for a module it does not manage")
     call = adapter.call

@@ -156,7 +156,8 @@ def test_third_party_reducer_fields_are_type_checked():
 # --- B5: copy.deepcopy of a patched model ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,params", [("random", {"keep": 6}), ("fastv", {"keep": 5})])
+@pytest.mark.parametrize("name,params", [("random", {"keep": 6}), ("fastv", {"keep": 5}),
+                                         ("tome", {"r": 6, "vtu": "exact"})])
 def test_deepcopy_of_patched_model_is_a_managed_patched_model(name, params):
     model = tiny_llava(seed=3)
     x = one_image()
@@ -200,10 +201,11 @@ def test_deepcopy_of_handle_and_model_together():
     assert copy.deepcopy(p) is p  # a removed handle has nothing to copy
 
 
-def test_dropped_patched_model_is_freed():
+@pytest.mark.parametrize("name,params", [("fastv", {"keep": 5}), ("tome", {"r": 6, "vtu": "exact"})])
+def test_dropped_patched_model_is_freed(name, params):
     model = tiny_llava(seed=3)
     ref = weakref.ref(model)
-    vtoken.patch(model, "fastv", keep=5)
+    vtoken.patch(model, name, **params)
     del model
     gc.collect()
     assert ref() is None
