@@ -150,7 +150,7 @@ class LlavaNextAdapter(LlavaAdapter):
             rows.append(match[0])
         self._vision_rows = torch.tensor(rows)
 
-    def _spans(self) -> list[ImageSpan]:
+    def image_spans(self) -> list[ImageSpan]:
         cap = self.vision_capture
         side = self.grid()[0]
         spans: list[ImageSpan] = []

@@ -30,6 +30,9 @@ import torch
 from torch import nn
 
 from vtoken.adapters.hf import compat
+from vtoken.ledger import Layout, image_rows
+from vtoken.ops.merge import representatives
+from vtoken.reducers.base import SignalRequest
 
 if TYPE_CHECKING:
     from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
@@ -59,6 +62,28 @@ def build_map(to_unique: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, u
     next_pos = torch.where(valid, pos, -1).amax(1) + 1
     return VirtualMap(idx, valid, pos, copies, unique, next_pos)
 
+
+
+def virtual_map(adapter: HFVisionLanguageAdapter, original: Layout, src: torch.Tensor, reduced: Layout,
+                pos: torch.Tensor) -> VirtualMap:
+    """The virtual sequence of a boundary reduction after encoder merging: each original row -> the
+    reduced (unique) row holding its merged group's representative."""
+
+    b, length = original.shape
+    device = original.valid.device
+    unique = reduced.shape[1]
+    to_row = torch.full((b, length + 1), unique, dtype=torch.long, device=device)
+    to_row.scatter_(1, src, torch.arange(unique, device=device).expand(b, unique).contiguous())
+    rep_row = torch.arange(length, device=device).expand(b, length).contiguous()
+    groups = adapter.vision_signal(SignalRequest("encoder_groups", -1))
+    n = groups.shape[1]
+    ones = torch.ones_like(groups, dtype=torch.bool)
+    rep, _ = representatives(groups, ones, torch.arange(n, device=device).expand_as(groups))
+    flat, valid = image_rows(original)
+    starts = torch.tensor([s.start for s in adapter.call.spans], device=device)
+    rep_row.view(-1)[flat[valid]] = (starts[:, None] + rep)[valid]
+    to_unique = to_row.gather(1, rep_row)
+    return build_map(to_unique, original.valid, pos.expand(b, length), unique)
 
 class VirtualUnmerge:
     """Installs VTU on the decoder layers of an HF LLM (see module docstring)."""

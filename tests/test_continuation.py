@@ -87,3 +87,23 @@ def test_new_images_in_a_continued_reduced_cache_are_refused():
         turn2 = torch.cat([first.sequences, extra], 1)
         with pytest.raises(vtoken.LayoutError, match="multi-turn"):
             gen(model, suppress, **recompute_inputs("llava", inp, turn2), **{CACHE: cache_of(first)})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_copied_prompt_cache_continues_like_the_original(family):
+    """transformers' prompt-reuse pattern: prefill once, then continue from copy.deepcopy(cache) twice.
+    The reduction's decode state travels with the copy, so both continuations equal a recompute."""
+    import copy
+
+    model, inp, suppress = setup(family)
+    n = inp["input_ids"].shape[1]
+    with vtoken.patch(model, "random", keep=4, seed=0) as p, torch.no_grad():
+        first = gen(model, suppress, **inp)
+        prompt_cache = cache_of(first)
+        turn2 = torch.cat([first.sequences, torch.tensor([[21, 22], [24, 25]])], 1)
+        runs = [gen(model, suppress, **recompute_inputs(family, inp, turn2), **{CACHE: copy.deepcopy(prompt_cache)})
+                for _ in range(2)]
+        with p.prompt(n):
+            full = model(**recompute_inputs(family, inp, runs[0].sequences[:, :-1]), use_cache=False).logits
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(full[:, turn2.shape[1] - 1:], torch.stack(runs[1].logits, 1), atol=5e-5, rtol=1e-4)

@@ -107,3 +107,17 @@ def test_reducers_are_timed_on_the_device_of_their_inputs(monkeypatch):
         model(input_ids=torch.tensor([make_prompt(1)]), pixel_values=pixels(1))
         assert p.stats.overhead_s > 0
     assert devices and all(d == model.device for d in devices)
+
+
+def test_llm_side_path_flops_match_the_counter():
+    """FastV / TransPrune / ToDRE's LLM side path: the q k^T products FlopCounterMode sees."""
+    from vtoken.signals.attention import received_from_queries, received_from_queries_flops
+
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 11, 8)  # grouped-query: 4 query heads on 2 kv heads
+    idx = torch.tensor([[8, 9, 10], [5, 6, 7]])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        qvalid, keys = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 11, dtype=torch.bool)
+        out = received_from_queries(q, k, idx, qvalid, keys, 0.3)
+    assert received_from_queries_flops(q, k.shape[2]) == counter.get_total_flops()
+    torch.testing.assert_close(out.sum(1), torch.ones(2))  # each query row's attention sums to 1

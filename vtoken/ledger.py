@@ -195,3 +195,25 @@ def expand_to_original(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     row_of_col = row_of_col[:, :length].cummax(dim=1).values
     src = torch.where(row_of_col < 0, rows, row_of_col)
     return gather_rows(x, src, fill=0)
+
+
+def per_sample(spans: list[ImageSpan], counts: list[int], batch: int) -> list[int]:
+    """Per-sample totals of per-image (per-span) host counts."""
+    out = [0] * batch
+    for span, n in zip(spans, counts):
+        out[span.sample] += n
+    return out
+
+
+def layer_counts(starts: dict[int, Layout], layers: int, lengths: list[int], spans: list[ImageSpan]
+                 ) -> list[tuple[list[int], list[int]]]:
+    """Per LLM layer, (rows per sample, visual rows per sample) from the host counts of the layouts
+    that start at each layer (`starts`: layer -> layout; layer 0 is the boundary). No device read."""
+    batch = len(lengths)
+    cur = (list(lengths), per_sample(spans, [s.n for s in spans], batch))
+    out = []
+    for i in range(layers):
+        if i in starts:
+            cur = (list(starts[i].lengths), per_sample(spans, starts[i].counts, batch))
+        out.append(cur)
+    return out

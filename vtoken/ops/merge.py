@@ -302,3 +302,15 @@ def solve_schedule(n: int, keep: int, layers: int, protect: int = 1) -> list[int
         out.append(t - nxt)
         t = nxt
     return out
+
+
+def representatives(group: torch.Tensor, valid: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tokens labelled by merged group (n, N): each token's group representative (the group's
+    smallest position) and the group's size, both (n, N)."""
+    n_img, n = group.shape
+    idx = torch.where(valid, group, n)
+    big = torch.full((n_img, n + 1), n, dtype=torch.long, device=group.device)
+    first = big.scatter_reduce(1, idx, positions.long(), reduce="amin")
+    size = torch.zeros(n_img, n + 1, device=group.device).scatter_add_(1, idx, valid.float())
+    return first.gather(1, idx), size.gather(1, idx)
