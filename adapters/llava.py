@@ -20,11 +20,12 @@ from torch import nn
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.encoder import BlockSpec, ViTMerger
+from vtoken.adapters.hf.vision_match import fingerprint, match_images
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.adapters.vtu import VirtualUnmerge
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
-from vtoken.ops.attention import fingerprint, received_attention, received_attention_flops
+from vtoken.ops.attention import received_attention, received_attention_flops
 from vtoken.reducers.base import ModelInfo, SignalRequest
 from vtoken.reducers.merging import MergedGroups
 
@@ -188,18 +189,11 @@ class LlavaAdapter(HFVisionLanguageAdapter):
                 "vision signals were not captured for these images: their features were computed "
                 "before the model was patched; run the patched model on pixel_values"
             )
-        d = embeds.shape[-1]
-        idx = torch.stack([torch.arange(start, start + n) + sample * embeds.shape[1]
-                           for sample, start, n in self.call.images]).to(embeds.device)
-        mine = fingerprint(embeds.reshape(-1, d)[idx])
-        theirs = cap["fingerprint"].to(mine.device)
-        close = ((mine[:, None] - theirs[None]).abs() <= 1e-6 * (theirs.abs()[None] + 1)).all(-1)
-        if not bool(close.any(1).all()):
-            raise SignalError(
-                "the images of this call do not match the last vision-tower run; vtoken reads vision "
-                "signals from the tower run that produced the features (pass pixel_values to the call)"
-            )
-        self._vision_rows = close.float().argmax(1)
+        tokens = cap["features"].shape[1]
+        rows = match_images(embeds, self.call.images, [(tokens, fp) for fp in cap["fingerprint"]],
+                            "the images of this call do not match the last vision-tower run; vtoken reads vision "
+                            "signals from the tower run that produced the features (pass pixel_values to the call)")
+        self._vision_rows = torch.tensor(rows)
 
     def vision_signal(self, req: SignalRequest) -> torch.Tensor:
         rows = self._vision_rows

@@ -29,10 +29,10 @@ from torch import nn
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf import compat
+from vtoken.adapters.hf.vision_match import fingerprint, match_images
 from vtoken.adapters.llava import LlavaAdapter
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.ledger import ImageSpan
-from vtoken.ops.attention import fingerprint
 from vtoken.reducers.base import SignalRequest
 
 
@@ -138,16 +138,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if not cap or "packed" not in cap:
             raise SignalError("the images of this call were encoded before the model was patched; pass "
                               "pixel_values (and image_sizes) to the patched model")
-        d, length = embeds.shape[-1], embeds.shape[1]
-        flat = embeds.reshape(-1, d)
-        rows = []
-        for sample, start, n in self.call.images:
-            mine = fingerprint(flat[sample * length + start: sample * length + start + n][None])
-            match = [i for i, (fp, m) in enumerate(zip(cap["packed"], cap["lengths"]))
-                     if m == n and bool(((mine - fp.to(mine.device)).abs() <= 1e-6 * (fp.abs() + 1)).all())]
-            if not match:
-                raise SignalError("the images of this call do not match the last vision-tower run")
-            rows.append(match[0])
+        rows = match_images(embeds, self.call.images, list(zip(cap["lengths"], cap["packed"])),
+                            "the images of this call do not match the last vision-tower run")
         self._vision_rows = torch.tensor(rows)
 
     def image_spans(self) -> list[ImageSpan]:

@@ -27,10 +27,11 @@ from torch import nn
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf import compat
+from vtoken.adapters.hf.vision_match import fingerprint, match_images
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, stack_flops
-from vtoken.ops.attention import fingerprint, received_attention, received_attention_flops
+from vtoken.ops.attention import received_attention, received_attention_flops
 from vtoken.reducers.base import ModelInfo, SignalRequest
 
 MAX_RUNS = 8  # tower runs kept while no prefill has used them (the image and video runs of a prompt)
@@ -187,20 +188,11 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         if not runs:
             raise SignalError("the vision tower did not run on these images while patched; pass pixel_values "
                               "(with image_grid_thw) to the patched model")
-        d = embeds.shape[-1]
-        flat = embeds.reshape(-1, d)
-        theirs = [(r, i, t.shape[0], fingerprint(t[None])) for r, cap in enumerate(self.vision_runs)
-                  for i, t in enumerate(cap.get("tokens", []))]
-        rows = []
-        for sample, start, n in self.call.images:
-            mine = fingerprint(flat[sample * embeds.shape[1] + start: sample * embeds.shape[1] + start + n][None])
-            match = [(r, i) for r, i, m, fp in theirs
-                     if m == n and bool(((mine - fp.to(mine.device)).abs() <= 1e-6 * (fp.abs() + 1)).all())]
-            if not match:
-                raise SignalError("the images of this call do not match the vision-tower runs since the last "
-                                  "prompt; pass pixel_values")
-            rows.append(match[-1])  # the latest run holding it
-        self._vision_rows = rows
+        where = [(r, i) for r, cap in enumerate(self.vision_runs) for i in range(len(cap.get("tokens", [])))]
+        recorded = [(t.shape[0], fingerprint(t[None])) for cap in self.vision_runs for t in cap.get("tokens", [])]
+        found = match_images(embeds, self.call.images, recorded, "the images of this call do not match the "
+                             "vision-tower runs since the last prompt; pass pixel_values", latest=True)
+        self._vision_rows = [where[k] for k in found]  # the latest run holding each image
         self._runs_used = True
 
     def _unit_order(self, cap: dict[str, Any]) -> list[torch.Tensor]:

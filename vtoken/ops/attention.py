@@ -39,8 +39,3 @@ def received_attention_flops(q: torch.Tensor, k: torch.Tensor, query: str = "all
     rows = 1 if query == "cls" else t
     return 2 * n * rows * k.shape[1] * width
 
-
-def fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """(n, 2) float64 sum and sum of squares of each (…)-block of `x` (n, …): identifies identical tensors."""
-    flat = x.reshape(x.shape[0], -1).double()
-    return torch.stack([flat.sum(1), (flat * flat).sum(1)], 1)
