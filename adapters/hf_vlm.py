@@ -86,6 +86,22 @@ class HFVisionLanguageAdapter(Adapter):
         """True when this call carries images (pixels or pre-computed encoder outputs)."""
         return inputs.get("pixel_values") is not None or self.names.pre_computed_vision(inputs) is not None
 
+    def vision_depth(self) -> int:
+        """Layers (blocks) of the vision tower; subclasses with vision signals provide it."""
+        raise SignalError(f"the {self.family} adapter does not read vision-tower signals")
+
+    def feature_layer(self) -> int:
+        """The tower layer whose output reaches the LLM (default: the last)."""
+        return self.vision_depth() - 1
+
+    def vision_layer(self, layer: int) -> int:
+        """Resolve a signal's vision layer (-1: the feature layer)."""
+        n = self.vision_depth()
+        idx = self.feature_layer() if layer == -1 else layer
+        if not 0 <= idx < n:
+            raise SignalError(f"vision layer {layer} does not exist; the tower has {n} layers (0..{n - 1})")
+        return idx
+
     def llm_spec(self) -> TransformerSpec:
         cfg = self.text_config()
         heads = cfg.num_attention_heads

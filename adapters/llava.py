@@ -92,13 +92,8 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         n = len(self.vision_tower().encoder.layers)
         return n + fl if fl < 0 else fl - 1
 
-    def vision_layer(self, layer: int) -> int:
-        """Resolve a signal's vision layer (-1: the feature layer)."""
-        n = len(self.vision_tower().encoder.layers)
-        idx = self.feature_layer() if layer == -1 else layer
-        if not 0 <= idx < n:
-            raise SignalError(f"vision layer {layer} does not exist; the tower has {n} layers (0..{n - 1})")
-        return idx
+    def vision_depth(self) -> int:
+        return len(self.vision_tower().encoder.layers)
 
     def install_vision(self) -> None:
         tower = self.vision_tower()

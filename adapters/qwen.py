@@ -66,7 +66,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
     def model_info(self) -> ModelInfo:
         return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers),
                          vision_layers=len(self.visual().blocks), feature_layer=len(self.visual().blocks) - 1,
-                         has_cls=False, vision_tokens=None, prefix_tokens=0)
+                         has_cls=False, vision_tokens=None, prefix_tokens=0, tower="qwen-vit")
 
     def _grids_from(self, thw: torch.Tensor) -> list[tuple[int, int]]:
         m = self.unit
@@ -109,12 +109,8 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                 )
         super().install()
 
-    def vision_layer(self, layer: int) -> int:
-        n = len(self.visual().blocks)
-        idx = n - 1 if layer == -1 else layer
-        if not 0 <= idx < n:
-            raise SignalError(f"vision layer {layer} does not exist; the tower has {n} blocks (0..{n - 1})")
-        return idx
+    def vision_depth(self) -> int:
+        return len(self.visual().blocks)
 
     def install_vision(self) -> None:
         visual = self.visual()

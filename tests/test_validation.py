@@ -16,7 +16,7 @@ from conftest import N_IMG, make_batch, make_prompt, pixels
 
 import vtoken
 from vtoken.eval.tiny import tiny_llava
-from vtoken.reducers.base import Reducer, Selection, StageInput
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, StageInput
 
 
 @pytest.fixture(autouse=True)
@@ -283,3 +283,29 @@ def test_transprune_keep_everything_and_keep_too_large(llava):
         assert p.stats.visual_per_layer[-1] == [25]
     with pytest.raises(vtoken.BudgetError, match=r"use keep <= 36, or a fraction"):
         vtoken.patch(llava, "transprune", keep=37)
+
+
+# --- declared, not module-named: which selections the stage re-checks, per-backbone defaults --------------
+def test_a_selection_that_breaks_its_budget_is_refused(llava):
+    """A reducer whose own `select` is not declared tested (a third-party one, or a subclass of a
+    built-in that overrides `select`) is checked to keep exactly its budget."""
+    @vtoken.register("_keeps_everything")
+    @dataclass
+    class KeepsEverything(vtoken.get("random")):
+        def select(self, x):
+            return Selection(keep=x.valid.clone())
+
+    ids, px = torch.tensor([make_prompt(1, text=4)]), pixels(1)
+    with vtoken.patch(llava, "_keeps_everything", keep=3), pytest.raises(vtoken.VTokenError, match="budget is"):
+        llava(input_ids=ids, pixel_values=px)
+    with vtoken.patch(llava, "random", keep=3) as p:  # the built-in's own select: tested, not re-checked
+        llava(input_ids=ids, pixel_values=px)
+    assert p.stats.visual_tokens == [3]
+
+
+def test_hiprune_object_layer_follows_the_declared_tower():
+    clip = vtoken.get("hiprune")()
+    clip.configure(ModelInfo(family="anything", llm_layers=2, vision_layers=24))
+    qwen = vtoken.get("hiprune")()
+    qwen.configure(ModelInfo(family="anything", llm_layers=2, vision_layers=32, tower="qwen-vit"))
+    assert (clip.object_layer, qwen.object_layer) == (8, 15)  # layer 9 of 24; the middle block of 32

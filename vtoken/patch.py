@@ -19,7 +19,7 @@ from vtoken.errors import AlreadyPatchedError, ParameterError, UnsupportedModelE
 from vtoken.ledger import Layout, image_rows
 from vtoken.reducers.base import Reducer, build
 from vtoken.registry import get
-from vtoken.runtime import Runtime
+from vtoken.runtime import Runtime, check_stages
 from vtoken.stats import Stats
 
 # model -> its handle, held weakly: the handle lives as long as the model (its _Guard hook holds it), so
@@ -378,7 +378,7 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
     adapter_cls = find_adapter(model)
     reducers, note = _resolve(reducer, params, adapter_cls.default_reducer)
     adapter = adapter_cls(model)
-    Runtime(reducers).check_stages(adapter_cls.stages, adapter.family)  # before per-model configuration
+    check_stages(reducers, adapter_cls.stages, adapter.family)  # before per-model configuration
     info = adapter.model_info()
     parts: list[Reducer] = []
     for r in reducers:
@@ -386,7 +386,7 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
         r.configure(info)
         parts.extend(r.parts())
     runtime = Runtime(parts)
-    runtime.check_stages(adapter_cls.stages, adapter.family)
+    check_stages(runtime.reducers, adapter_cls.stages, adapter.family)
     _check_composition(runtime)
     adapter.runtime = runtime
     try:

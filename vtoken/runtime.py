@@ -33,14 +33,6 @@ class Runtime:
         self.last_layout = None
         self.last_spans: list = []
 
-    def check_stages(self, supported: frozenset[str], family: str) -> None:
-        for r in self.reducers:
-            if r.stage not in supported:
-                raise UnsupportedModelError(
-                    f"reducer {r.name!r} acts in the {r.stage} stage, which the {family} adapter does "
-                    f"not support (it supports: {', '.join(sorted(supported))})"
-                )
-
     def points(self) -> list[tuple[int | None, list[Reducer]]]:
         """Reduction points in the order tokens meet them: (None, boundary), then (layer, decoder)."""
         out: list[tuple[int | None, list[Reducer]]] = [(None, self.boundary)] if self.boundary else []
@@ -50,3 +42,13 @@ class Runtime:
         self.stats = Stats()
         self.timer.reset()
         return self.stats
+
+
+def check_stages(reducers: list[Reducer], supported: frozenset[str], family: str) -> None:
+    """UnsupportedModelError for a reducer acting in a stage the model's adapter does not provide."""
+    for r in reducers:
+        if r.stage not in supported:
+            raise UnsupportedModelError(
+                f"reducer {r.name!r} acts in the {r.stage} stage, which the {family} adapter does "
+                f"not support (it supports: {', '.join(sorted(supported))})"
+            )

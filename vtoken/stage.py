@@ -112,7 +112,7 @@ def run_point(
             lengths = list(layout.lengths)
             for i, k in enumerate(keep):
                 lengths[sample_of[i]] -= selectable[i] - k
-            if not reducer.__module__.startswith("vtoken.") or reducer.adaptive:
+            if reducer.adaptive or not _counts_tested(reducer):
                 _check_counts(reducer, sel.keep & valid, keep)
             comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
             comp.layout.counts = [k + p for k, p in zip(keep, pinned)]
@@ -163,9 +163,15 @@ def _aligner(signal: SignalSource | None, layout: Layout, flat: torch.Tensor, po
     return aligned
 
 
+def _counts_tested(reducer: Reducer) -> bool:
+    """The class that defines the reducer's `select` declares it tested (`Reducer.counts_tested`)."""
+    owner = next(c for c in type(reducer).__mro__ if "select" in c.__dict__)
+    return bool(owner.__dict__.get("counts_tested", False))
+
+
 def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int]) -> None:
-    """Third-party reducers are checked to keep exactly their budget (built-ins are tested instead;
-    the check reads device memory, which would stall the GPU pipeline)."""
+    """Reducers whose selection is not declared tested are checked to keep exactly their budget (the
+    check reads device memory, which would stall the GPU pipeline)."""
     got = keep.sum(1).tolist()
     if got != expected:
         raise LayoutError(

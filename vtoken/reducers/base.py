@@ -69,6 +69,7 @@ class ModelInfo:
     has_cls: bool = True  # the vision tower has a CLS token (VisionZip / ToDRE pivots)
     vision_tokens: int | None = None  # patch tokens per image entering the tower
     prefix_tokens: int = 1  # CLS / distillation / register tokens before the patches
+    tower: str = "vit"  # vision tower kind: "vit" (CLIP / SigLIP / timm ViT) or "qwen-vit" (Qwen's windowed ViT)
 
 
 @dataclass
@@ -145,6 +146,9 @@ class Reducer:
     adaptive: ClassVar[bool] = False  # the kept count depends on the content (Selection.counts)
     full_grid: ClassVar[bool] = False  # reads each image's whole token grid: must be the first to reduce
     keeps_all: ClassVar[bool] = False  # never drops a token (composition checks ignore it)
+    # the class's own `select` is tested to keep exactly the budget: the stage does not re-check it on
+    # the host (a device read); subclasses that override `select` are checked again
+    counts_tested: ClassVar[bool] = False
     keep: Keep | None = None
     renumber: bool = False
 

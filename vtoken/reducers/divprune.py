@@ -24,6 +24,7 @@ class DivPrune(Reducer):
     official code uses the model dtype).
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 64
 

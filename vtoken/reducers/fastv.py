@@ -25,6 +25,7 @@ class FastV(Reducer):
     to `keep` (keep = 1 - ratio); give one of them, not both.
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "decoder"
     keep: int | float | None = None  # None: 0.5, or 1 - ratio
     k: int = 2

@@ -12,6 +12,10 @@ from vtoken.reducers._grid import by_grid, from_grid, require_full_grid, to_grid
 from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput, check_range
 from vtoken.registry import register
 
+# object layer as a fraction of the tower's depth: layer 9 of CLIP-L's 24 (paper §4); the middle block on
+# Qwen2.5-VL's windowed ViT (the official Qwen code)
+OBJECT_LAYER = {"qwen-vit": 0.5}
+
 
 def neighbours(anchors: torch.Tensor, rows: int, cols: int, wrap: bool) -> torch.Tensor:
     """The 4-neighbourhood (+-1, +-cols) of the anchors, (m, rows*cols) bool, anchors excluded.
@@ -60,6 +64,7 @@ class HiPrune(Reducer):
     scaled to other depths; Qwen2.5-VL: the middle layer), deep layer = the feature layer (-1).
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     full_grid: ClassVar[bool] = True
     keep: int | float | None = 64
@@ -75,7 +80,7 @@ class HiPrune(Reducer):
     def configure(self, info: ModelInfo) -> None:
         if self.object_layer is None:
             depth = info.vision_layers or 24
-            frac = 0.5 if info.family.startswith("qwen") else 9 / 24
+            frac = OBJECT_LAYER.get(info.tower, 9 / 24)
             self.object_layer = max(0, round(depth * frac) - 1)
 
     def signals(self) -> tuple[SignalRequest, ...]:

@@ -408,6 +408,7 @@ class MergedGroups(Reducer):
     its representative (the group's first, i.e. smallest, raster position) with the group's size.
     The adapter inserts it first among the boundary reducers; the count depends on the image."""
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = True
     keep: int | float | None = 1.0

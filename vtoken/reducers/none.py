@@ -15,6 +15,7 @@ from vtoken.registry import register
 class Identity(Reducer):
     """Keeps all visual tokens; outputs are bit-identical to the unpatched model (tested)."""
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     keeps_all: ClassVar[bool] = True
     keep: int | float | None = 1.0

@@ -28,6 +28,7 @@ class Pool(Reducer):
     window area as its size.
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     full_grid: ClassVar[bool] = True
     keep: int | float | None = 64

@@ -22,6 +22,7 @@ class RandomPrune(Reducer):
     the same grid size keeps the same positions for a given seed: change `seed` to draw another).
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 64
     seed: int = 0

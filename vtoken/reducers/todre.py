@@ -39,6 +39,7 @@ class ToDREDiversity(Reducer):
     token is chosen by the greedy rule relative to it.
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     keep: int | float | None = 64
     selection: Literal["kcenter", "maxsum"] = "kcenter"
@@ -95,6 +96,7 @@ class ToDRERelevance(Reducer):
     the test then reduces to alpha_t->v < tau. The count is content-dependent (all or nothing).
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "decoder"
     adaptive: ClassVar[bool] = True
     keep: int | float | None = 1.0

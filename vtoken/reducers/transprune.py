@@ -52,6 +52,7 @@ class TransPrune(Reducer):
     originals unless `renumber=True`.
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "decoder"
     keep: int | float | None = None
     schedule: tuple[tuple[int, float], ...] | None = None

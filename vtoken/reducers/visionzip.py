@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -37,11 +37,13 @@ class VisionZip(Reducer):
     and raster slot) instead of being appended after the dominant ones.
     """
 
+    counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     full_grid: ClassVar[bool] = True
     keep: int | float | None = 64
     dominant: int | None = None
     vision_layer: int = -1
+    _query: str = field(default="cls", init=False, repr=False)  # "all" on towers without CLS (configure)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +66,7 @@ class VisionZip(Reducer):
 
     def signals(self) -> tuple[SignalRequest, ...]:
         return (
-            SignalRequest("vision_attention", self.vision_layer, getattr(self, "_query", "cls")),
+            SignalRequest("vision_attention", self.vision_layer, self._query),
             SignalRequest("vision_keys", self.vision_layer),
             SignalRequest("vision_features", -1),
         )
