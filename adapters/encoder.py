@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtoken.ops.merge import MergePlan, expand, merge, merge_sizes
-from vtoken.reducers.merging import EncoderMerge
+from vtoken.ops.merge import MergePlan, expand, merge, merge_sizes, prefix_mask
+from vtoken.reducers.base import EncoderReducer
 
 
 @dataclass
@@ -65,26 +65,25 @@ class EncoderState:
 
     @property
     def valid(self) -> torch.Tensor:
-        c = torch.tensor(self.counts, device=self.size.device)
-        return torch.arange(self.size.shape[1], device=self.size.device)[None] < c[:, None]
+        return prefix_mask(self.counts, self.size.shape[1], self.size.device)
 
 
 class ViTMerger:
-    """Applies an `EncoderMerge` reducer to the blocks of one tower (see module docstring)."""
+    """Applies an encoder-stage reducer (`EncoderReducer`) to the blocks of one tower (see module docstring)."""
 
-    def __init__(self, reducer: EncoderMerge, blocks: list[BlockSpec], merge_layers: int | None = None) -> None:
+    def __init__(self, reducer: EncoderReducer, blocks: list[BlockSpec], merge_layers: int | None = None) -> None:
         self.configured = reducer
         self.reducer = reducer  # for this run: `configured`, re-solved for the run's token count
         self.blocks = blocks
         self.merge_layers = len(blocks) if merge_layers is None else merge_layers
         self.state: EncoderState | None = None
-        self._sized: dict[int, EncoderMerge] = {}
+        self._sized: dict[int, EncoderReducer] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def begin(self, batch: int, tokens: int, device: torch.device) -> None:
         """Start a tower run over `batch` images of `tokens` tokens (prefix included). A token count
         other than the configured one (timm `dynamic_img_size`) re-solves the reducer's schedule."""
-        patches = tokens - self.configured._prefix
+        patches = tokens - self.configured.prefix_tokens
         if patches not in self._sized:
             self._sized[patches] = self.configured.resized(patches)
         self.reducer = self._sized[patches]

@@ -27,7 +27,6 @@ from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, patch_embed_flops, stack_flops
 from vtoken.ops.attention import received_attention, received_attention_flops
 from vtoken.reducers.base import ModelInfo, SignalRequest
-from vtoken.reducers.merging import MergedGroups
 
 
 @register_adapter
@@ -113,15 +112,13 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             self.merger = ViTMerger(encoder[0], blocks, merge_layers=self.feature_layer() + 1)
             self.merger.install(self.handles)
             if encoder[0].vtu is not None:
-                if self.runtime.boundary or self.runtime.decoder:
+                if any(not r.adaptive for r in self.runtime.boundary) or self.runtime.decoder:  # beyond MergedGroups
                     raise UnsupportedModelError(
                         "vtu (virtual token unmerging) cannot be combined with pruning reducers: the LLM "
                         "must see every merged group"
                     )
                 self.vtu = VirtualUnmerge(self, encoder[0].vtu)
                 self.vtu.install(self.handles)
-            self.runtime.boundary.insert(0, MergedGroups())
-            self.runtime.signals |= set(self.runtime.boundary[0].signals())
         reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_") or r.kind == "encoder_groups"]
         if not reqs:
             return

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import vtoken
-from vtoken.reducers.merging import DyMUCalibration
+from vtoken.reducers.dymu import DyMUCalibration
 
 # DyMU's presets (MikeWangWZHL/dymu, src/open_clip/model_configs/ViT-L-14-336-tome-{72,192,384}out.json):
 # r_total = 504 / 384 / 192 merges of CLIP-L/14-336's 576 tokens, spread evenly over all 24 layers

@@ -19,7 +19,8 @@ from vtoken.eval.calibrate import PRESETS, RTotal, targets_for
 from vtoken.eval.tiny import tiny_llava
 from vtoken.ops.merge import bipartite_plan, energy_bipartite_plan, energy_plan
 from vtoken.reducers.base import ModelInfo
-from vtoken.reducers.merging import DyMU, DyMUCalibration, PiToMe
+from vtoken.reducers.dymu import DyMU, DyMUCalibration
+from vtoken.reducers.pitome import PiToMe
 
 
 def tiny_vit(**kw) -> torch.nn.Module:

@@ -349,3 +349,18 @@ def test_reducer_overhead_is_reported(llava):
     with vtoken.patch(llava, "divprune", keep=8) as p, torch.no_grad():
         llava(input_ids=torch.tensor([make_prompt(1)]), pixel_values=pixels(1))
         assert p.stats.overhead_s > 0
+
+
+def test_todre_declares_every_parameter_of_its_stages():
+    """ToDRE hands each stage its own parameters by name: a stage parameter ToDRE lacks would be
+    silently left at the stage's default (the drift the redesign removed)."""
+    import dataclasses
+
+    from vtoken.reducers.todre import ToDRE, ToDREDiversity, ToDRERelevance
+
+    def names(cls):
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+
+    assert names(ToDREDiversity) | (names(ToDRERelevance) - {"keep"}) <= names(ToDRE)
+    stage1, _ = ToDRE(keep=9, vision_layer=-2, seed=3, pivot="random", renumber=True).parts()
+    assert (stage1.keep, stage1.vision_layer, stage1.seed, stage1.renumber) == (9, -2, 3, True)

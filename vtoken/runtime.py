@@ -13,7 +13,7 @@ class Runtime:
     """Reducers of one patch, ordered by stage (and by layer inside the decoder stage)."""
 
     def __init__(self, reducers: list[Reducer]) -> None:
-        self.reducers = sorted(reducers, key=lambda r: (STAGE_ORDER[r.stage], r.layer or 0))
+        self.reducers = sorted(reducers, key=lambda r: (STAGE_ORDER[r.stage], r.layer or 0, r.order))
         self.encoder = [r for r in self.reducers if r.stage == "encoder"]
         self.boundary = [r for r in self.reducers if r.stage == "boundary"]
         self.decoder: dict[int, list[Reducer]] = {}

@@ -39,8 +39,12 @@ class MergePlan:
 
     @property
     def valid(self) -> torch.Tensor:
-        c = torch.tensor(self.counts, device=self.dest.device)
-        return torch.arange(self.length, device=self.dest.device)[None] < c[:, None]
+        return prefix_mask(self.counts, self.length, self.dest.device)
+
+
+def prefix_mask(counts: list[int], length: int, device: torch.device) -> torch.Tensor:
+    """(B, length) bool: the first counts[b] slots of each row (tokens are packed to the front)."""
+    return torch.arange(length, device=device)[None] < torch.tensor(counts, device=device)[:, None]
 
 
 def merge(x: torch.Tensor, plan: MergePlan, size: torch.Tensor | None = None, weighted: bool = True) -> torch.Tensor:
@@ -104,7 +108,7 @@ def bipartite_plan(
     b, t, _ = metric.shape
     device = metric.device
     if t - protect < 2:  # nothing can merge (e.g. one token left in a no-CLS tower)
-        valid = torch.arange(t, device=device)[None] < torch.tensor(counts, device=device)[:, None]
+        valid = prefix_mask(counts, t, device)
         return identity_plan(valid, counts), metric.new_full((b, (t + 1) // 2), float("-inf"), dtype=torch.float32)
     m = F.normalize(metric.float(), dim=-1)
     a, bb = m[:, ::2], m[:, 1::2]

@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -149,6 +149,7 @@ class Reducer:
     # the class's own `select` is tested to keep exactly the budget: the stage does not re-check it on
     # the host (a device read); subclasses that override `select` are checked again
     counts_tested: ClassVar[bool] = False
+    order: ClassVar[int] = 0  # among the reducers of one reduction point: lower runs first
     keep: Keep | None = None
     renumber: bool = False
 
@@ -339,3 +340,33 @@ def build(cls: type[Reducer], params: dict[str, Any]) -> Reducer:
             f"Its parameters: {', '.join(names)}."
         )
     return cls(**params)
+
+
+@runtime_checkable
+class EncoderReducer(Protocol):
+    """What an encoder-stage merger gives the vision-tower adapters (`adapters/encoder.py`): a merge
+    plan per layer from that layer's metric, and how the merged tokens are formed and attended."""
+
+    name: ClassVar[str]
+    adaptive: ClassVar[bool]
+    proportional: bool  # add log(size) to the attention logits (ToMe §3)
+    vtu: str | None  # virtual token unmerging in the LLM: "expand", "exact" or None
+
+    @property
+    def metric_kind(self) -> str:
+        """"keys" / "states" (merge before the MLP) or "output" (merge after it)."""
+
+    @property
+    def weighted(self) -> bool:
+        """Size-weighted averages (True) or plain means of the merged tokens."""
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches that never merge (CLS, distillation, registers)."""
+
+    def resized(self, tokens: int) -> EncoderReducer:
+        """The reducer for a tower run with `tokens` patch tokens (its schedule solved again)."""
+
+    def plan(self, layer: int, metric: torch.Tensor, counts: list[int]) -> Any:
+        """The merge plan (`vtoken.ops.merge.MergePlan`) of `layer`, or None for no merge there."""
+

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -153,6 +154,7 @@ class ToDRE(Reducer):
     selection: Literal["kcenter", "maxsum"] = "kcenter"
     pivot: Literal["auto", "cls", "random"] = "auto"
     seed: int = 0
+    vision_layer: int = -1
     tau: float | None = None  # None: 0.10 (stage 2's threshold; unused without stage 2)
     check_layer: int | None = None
     stage1: bool = True
@@ -171,7 +173,8 @@ class ToDRE(Reducer):
             if self.keep is not None:
                 raise ParameterError(f"todre: keep={self.keep!r} is stage 1's budget, which stage1=False switches "
                                      "off; drop keep or turn stage 1 on")
-            check_unused(self, ["selection", "pivot", "seed"], "stage 1 settings, and stage1=False switches it off")
+            check_unused(self, ["selection", "pivot", "seed", "vision_layer"],
+                         "stage 1 settings, and stage1=False switches it off")
         if not self.stage2:
             check_unused(self, ["tau", "check_layer"], "stage 2 settings, and stage2=False switches it off")
         self._build()
@@ -180,12 +183,18 @@ class ToDRE(Reducer):
         raise NotImplementedError("todre acts through its parts (todre_diversity, todre_relevance)")
 
     def _build(self) -> None:
+        """The stages, each given this reducer's values of its own parameters (one declaration of
+        each parameter per stage: what a stage adds appears here by name, or a test fails)."""
         self._parts = []
         if self.stage1:
-            self._parts.append(ToDREDiversity(keep=self.keep, renumber=self.renumber, selection=self.selection,
-                                              pivot=self.pivot, seed=self.seed))
+            self._parts.append(ToDREDiversity(**self._share(ToDREDiversity)))
         if self.stage2:
-            self._parts.append(ToDRERelevance(renumber=self.renumber, tau=self.tau, check_layer=self.check_layer))
+            self._parts.append(ToDRERelevance(**self._share(ToDRERelevance, skip=("keep",))))  # keep is stage 1's
+
+    def _share(self, part: type[Reducer], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        mine = {f.name for f in dataclasses.fields(self) if f.init}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(part)
+                if f.init and f.name in mine and f.name not in skip}
 
     def configure(self, info: ModelInfo) -> None:
         self._build()
