@@ -20,7 +20,8 @@ Decoding with a KV cache: the cache carries a `DecodeState` (`hf/state.py`) nami
 range, the prefill rows it holds; `hf/decode.py` rewrites each cached step so that it attends
 exactly to what the prefill kept plus the new tokens. Beam search reorders the cache within each
 prompt's beams, whose states are identical, so the tag stays valid. LLM-side signals (captures, side
-path attention, TTV) are `hf/llm_signals.py`; statistics and FLOPs `hf/accounting.py`.
+path attention, TTV) are `hf/llm_signals.py`; the top-level call's start and end `hf/forward.py`;
+statistics and FLOPs `hf/accounting.py`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import torch
 from torch import nn
 
 from vtoken.adapter import Adapter
-from vtoken.adapters.hf import accounting, compat, decode, prefill
+from vtoken.adapters.hf import compat, decode, forward, prefill
 from vtoken.adapters.hf.llm_signals import LLMSignals
-from vtoken.adapters.hf.state import Call, DecodeState, attach, attached
+from vtoken.adapters.hf.state import Call
 from vtoken.errors import BudgetError, LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec
-from vtoken.ledger import ImageSpan, Layout, expand_to_original, per_sample
+from vtoken.ledger import ImageSpan, Layout, per_sample
 from vtoken.reducers.base import ModelInfo, Signal, SignalRequest
 
 
@@ -119,7 +120,7 @@ class HFVisionLanguageAdapter(Adapter):
         return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers))
 
     # --- installation ------------------------------------------------------------------------------
-    def install(self) -> None:
+    def install_hooks(self) -> None:
         rt = self.runtime
         lm = self.language_model()
         self.lm = lm
@@ -181,7 +182,8 @@ class HFVisionLanguageAdapter(Adapter):
         return None
 
     # --- top-level call ----------------------------------------------------------------------------
-    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The top-level forward's arguments by name (**kwargs flattened)."""
         bound = self._sig.bind_partial(*args, **kwargs)
         out = dict(bound.arguments)
         for name, p in self._sig.parameters.items():
@@ -190,74 +192,7 @@ class HFVisionLanguageAdapter(Adapter):
         return out
 
     def _top_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-        self.call = call = Call()
-        rt = self.runtime
-        inputs = self._bind(args, kwargs)
-        rd = inputs.get("return_dict")
-        call.return_dict = bool(getattr(module.config, "return_dict", True) if rd is None else rd)
-        cache = self.names.cache(inputs)
-        cache_len = cache.get_seq_length() if cache is not None else 0
-        if cache_len > 0:
-            state = attached(cache)
-            if state is None:
-                if self.has_new_images(inputs):
-                    raise LayoutError(decode.NEW_IMAGES)
-                rt.new_stats()
-                return None
-            call.mode = "decode"
-            call.decode = state
-            rt.stats.decode_steps += 1
-            inputs["return_dict"] = True
-            decode.cached_inputs(self, inputs, state, cache_len)
-            return (), inputs
-        stats = rt.new_stats()
-        mask = self.image_token_mask(inputs)
-        if mask is None:
-            return None
-        stats.visual_tokens = [0] * mask.shape[0]
-        am = inputs.get("attention_mask")
-        if am is not None and am.dim() != 2:
-            raise LayoutError(
-                "vtoken needs a 2-D padding attention_mask (batch, length); a prepared 4-D mask cannot "
-                "be re-sliced for the reduced sequence"
-            )
-        b, length = mask.shape
-        img = mask.cpu()
-        valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=mask.device)
-        valid_cpu = valid.cpu()
-        images = self.split_runs(inputs, self._runs(img & valid_cpu))
-        if not images:
-            return None
-        call.mode = "prefill"
-        self.prefill_starts(inputs)
-        call.images = images
-        call.inputs = inputs
-        call.valid = valid
-        call.lengths = valid_cpu.sum(1).tolist()
-        call.right_align = bool(valid_cpu[:, -1].all())
-        if inputs.get("labels") is not None:
-            call.labels = inputs.pop("labels")
-            call.loss_kwargs = {k: inputs[k] for k in ("num_items_in_batch",) if k in inputs}
-            # scoring: the first scored label starts the continuation, which must not steer the reduction
-            scored = call.labels != -100
-            pos = torch.arange(scored.shape[1], device=scored.device).expand_as(scored)
-            call.prompt_end = torch.where(scored, pos, scored.shape[1]).amin(1)
-        ltk = inputs.get("logits_to_keep", 0)
-        if not (isinstance(ltk, int) and ltk in (0, 1)):
-            call.logits_to_keep = ltk
-            inputs["logits_to_keep"] = 0
-        inputs["return_dict"] = True
-        return (), inputs
-
-    @staticmethod
-    def _runs(img: torch.Tensor) -> list[tuple[int, int, int]]:
-        """(sample, start, length) of each run of image tokens in a host (B, L) mask, in order."""
-        b = img.shape[0]
-        flat = torch.cat([torch.zeros(b, 1, dtype=torch.bool), img, torch.zeros(b, 1, dtype=torch.bool)], 1)
-        edges = flat[:, 1:].int() - flat[:, :-1].int()
-        starts = (edges == 1).nonzero().tolist()
-        ends = (edges == -1).nonzero().tolist()
-        return [(s[0], s[1], e[1] - s[1]) for s, e in zip(starts, ends)]
+        return forward.begin(self, module, args, kwargs)
 
     def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """The images, (sample, start, tokens), in the runs of placeholder tokens. Default: one per run."""
@@ -277,42 +212,7 @@ class HFVisionLanguageAdapter(Adapter):
         return spans
 
     def _top_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        call = self.call
-        rt = self.runtime
-        if call.mode == "prefill":
-            final = call.layout
-            rt.last_layout, rt.last_spans = final, call.spans
-            logits = output.logits
-            lm_rows = logits.shape[0] * logits.shape[1]
-            if call.segments and logits.shape[1] == final.shape[1]:
-                logits = expand_to_original(logits, final)
-            cache = self.names.output_cache_of(output)
-            if cache is not None:
-                exact = self.vtu is not None and self.vtu.mode == "exact"
-                segments = call.segments
-                if self.vtu is not None and not exact:  # expand: the cache holds the virtual (original) rows
-                    segments = [s for s in segments if s.layer != 0]
-                state = DecodeState(segments, final.orig_len, final.shape[0], list(call.lengths),
-                                    call.next_pos, vtu=call.vtu if exact else None)
-                attach(cache, state)
-            if call.logits_to_keep is not None:
-                ltk = call.logits_to_keep
-                logits = logits[:, -ltk:] if isinstance(ltk, int) else logits[:, ltk]
-            output.logits = logits
-            if call.labels is not None:
-                output.loss = module.loss_function(
-                    logits=logits, labels=call.labels, vocab_size=self.text_config().vocab_size,
-                    **call.loss_kwargs,
-                )
-            accounting.record_prefill(self, lm_rows)
-            call.done = True  # what runs again now (checkpoint recomputation in backward) must not re-reduce
-        elif call.mode == "decode":
-            accounting.record_decode(self, output.logits.shape[1])
-        elif call.mode == "off" and self.vision_record is not None:
-            accounting.record_prefill(self, 0)
-        if not call.return_dict:
-            return output.to_tuple()
-        return output
+        return forward.end(self, module, args, kwargs, output)
 
     # --- language model: boundary stage and decoding ------------------------------------------------
     def _lm_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:

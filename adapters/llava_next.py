@@ -59,12 +59,12 @@ class LlavaNextAdapter(LlavaAdapter):
     def static_image_tokens(self) -> int | None:
         return None  # the crops make the count depend on the image size
 
-    def install(self) -> None:
+    def install_hooks(self) -> None:
         for r in self.runtime.encoder:
             if r.vtu is not None:
                 raise UnsupportedModelError("vtu (virtual token unmerging) is not supported for LLaVA-NeXT")
         self._anyres = compat.anyres_helpers()
-        super().install()
+        super().install_hooks()
         base = compat.attribute(self.model, "model", self.family)
         original = compat.attribute(base, "get_image_features", self.family)
         sig = inspect.signature(original)

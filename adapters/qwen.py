@@ -45,8 +45,8 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
     stages = frozenset({"boundary", "decoder"})
     default_reducer = ("fastv", {"keep": 0.5})
 
-    def __init__(self, model: nn.Module, runtime: Any = None) -> None:
-        super().__init__(model, runtime)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self.family = FAMILIES[type(model).__name__]
 
     @classmethod
@@ -101,13 +101,13 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         return [self.vision_runs[r]["grids"][i] for r, i in rows]
 
     # --- vision tower: capture, matching, signals ---------------------------------------------------
-    def install(self) -> None:
+    def install_hooks(self) -> None:
         for r in self.runtime.reducers:
             if r.renumber:
                 raise UnsupportedModelError(
                     f"{r.name}: renumber=True is not supported with M-RoPE (3-D position ids); keep the originals"
                 )
-        super().install()
+        super().install_hooks()
 
     def vision_depth(self) -> int:
         return len(self.visual().blocks)

@@ -60,7 +60,7 @@ class BareViTAdapter(Adapter):
         return ModelInfo(family=self.family, llm_layers=0, vision_layers=len(self.blocks()),
                          vision_tokens=self.patches(), prefix_tokens=self.prefix(), has_cls=self.prefix() > 0)
 
-    def install(self) -> None:
+    def install_hooks(self) -> None:
         rt = self.runtime
         if len(rt.encoder) != 1 or len(rt.reducers) != 1:
             raise UnsupportedModelError(
@@ -202,8 +202,8 @@ class OpenClipAdapter(BareViTAdapter):
     family = "open_clip"
     supports = "open_clip VisionTransformer (model.visual) or an open_clip CLIP model"
 
-    def __init__(self, model: nn.Module, runtime: Any = None) -> None:
-        super().__init__(model, runtime)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
         self.visual = model.visual if hasattr(model, "visual") and hasattr(model.visual, "transformer") else model
 
     @classmethod

@@ -309,3 +309,16 @@ def test_hiprune_object_layer_follows_the_declared_tower():
     qwen = vtoken.get("hiprune")()
     qwen.configure(ModelInfo(family="anything", llm_layers=2, vision_layers=32, tower="qwen-vit"))
     assert (clip.object_layer, qwen.object_layer) == (8, 15)  # layer 9 of 24; the middle block of 32
+
+
+def test_a_patch_configures_new_frozen_reducers(llava):
+    """`configured` returns new reducers: the one given to patch() keeps its unresolved defaults, and
+    the patch's own cannot be changed behind its back (that would desynchronise its hooks)."""
+    mine = vtoken.get("todre")(keep=4)
+    with vtoken.patch(llava, mine) as p:
+        stage1, stage2 = p.runtime.reducers
+        assert (mine.pivot, stage1.pivot) == ("auto", "cls") and stage2.check_layer is not None
+        with pytest.raises(vtoken.ParameterError, match="frozen"):
+            stage1.keep = 8
+    mine.keep = 8  # the caller's instance stays an ordinary, modifiable reducer
+    assert mine.keep == 8

@@ -16,7 +16,7 @@ from vtoken.errors import (
     VTokenError,
 )
 from vtoken.patch import Patch, patch, patched, unpatch
-from vtoken.reducers.base import Reducer, Selection, SignalRequest, StageInput
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, StageInput
 from vtoken.registry import available, get, register
 from vtoken.stats import Stats
 
@@ -26,6 +26,7 @@ __all__ = [
     "AlreadyPatchedError",
     "BudgetError",
     "LayoutError",
+    "ModelInfo",
     "ParameterError",
     "Patch",
     "Reducer",

@@ -31,9 +31,9 @@ class Adapter(ABC):
     default_reducer: ClassVar[tuple[str, dict[str, Any]]] = ("fastv", {"keep": 0.5})
     supports: ClassVar[str] = ""  # human-readable list of supported classes
 
-    def __init__(self, model: nn.Module, runtime: Runtime | None = None) -> None:
-        self.model = model
-        self.runtime = runtime  # set by vtoken.patch before install()
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model  # an adapter first only reads the model (`model_info`); `install` is given the runtime
+        self.runtime: Runtime | None = None
         self.handles: list[Any] = []
 
     @abstractmethod
@@ -45,9 +45,15 @@ class Adapter(ABC):
     def matches(cls, model: nn.Module) -> bool:
         """True if this adapter handles `model`."""
 
+    def install(self, runtime: Runtime) -> None:
+        """Take the patch's runtime, validate its reducers against the model and install the hooks
+        (recorded in `self.handles`)."""
+        self.runtime = runtime
+        self.install_hooks()
+
     @abstractmethod
-    def install(self) -> None:
-        """Validate the reducers against the model and install hooks (recorded in `self.handles`)."""
+    def install_hooks(self) -> None:
+        """Install the hooks for `self.runtime` (subclasses)."""
 
     def remove(self) -> None:
         """Remove every hook this adapter installed (idempotent)."""

@@ -12,6 +12,7 @@ per-sample token counts, which are known from the budgets without reading device
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -217,3 +218,54 @@ def layer_counts(starts: dict[int, Layout], layers: int, lengths: list[int], spa
             cur = (list(starts[i].lengths), per_sample(spans, starts[i].counts, batch))
         out.append(cur)
     return out
+
+
+@dataclass
+class Applied:
+    """One selection written into the ledger: the new layout, each new row's old row, and the hidden
+    states carried over (merged values written in)."""
+
+    layout: Layout
+    hidden: torch.Tensor  # (B, L', d)
+    src: torch.Tensor  # (B, L') old row of each new row; old L on padding
+    dropped: torch.Tensor  # (B, L_old) valid rows removed
+    changed: bool
+    merged: bool  # some kept row carries new values
+
+
+def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.Tensor, keep: torch.Tensor,
+          counts: list[int], spans: list[ImageSpan], values: torch.Tensor | None = None,
+          sizes: torch.Tensor | None = None) -> Applied:
+    """Write a per-image selection into the layout and drop the rows it does not keep.
+
+    rows / real: the images' flat row indices and which are selectable (`image_rows`, pinned tokens
+    excluded); keep: (n_img, N) kept slots; counts: kept tokens per image (host, from the budgets);
+    values / sizes: new features and sizes of kept slots (merging), or None.
+    """
+    b, length = layout.shape
+    idx = torch.where(real, rows, b * length).reshape(-1)  # slot b*L: a dump for non-selectable slots
+
+    def scatter(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        flat = torch.cat([base.reshape(b * length, *base.shape[2:]), base.new_zeros(1, *base.shape[2:])])
+        flat.index_copy_(0, idx, new.reshape(idx.shape[0], *base.shape[2:]).to(flat.dtype))
+        return flat[:-1].view(base.shape)
+
+    keep_rows = scatter(layout.valid, keep & real)
+    if values is not None:
+        hidden = scatter(hidden, values)
+    size = layout.size if sizes is None else scatter(layout.size, sizes)
+    lengths = list(layout.lengths)
+    for span, n, k in zip(spans, layout.counts, counts):
+        lengths[span.sample] -= n - span.pinned - k
+    comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
+    comp.layout.counts = [k + s.pinned for k, s in zip(counts, spans)]
+    if comp.changed:
+        hidden = gather_rows(hidden, comp.src, fill=0)
+    return Applied(comp.layout, hidden, comp.src, comp.dropped, comp.changed, values is not None)
+
+
+def renumbering(dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `renumber=True`: per old row, how many rows before it were dropped (subtract from its
+    position id), and per sample how many were dropped in all (subtract from later tokens')."""
+    d = dropped.long()
+    return d.cumsum(1) - d, d.sum(1)

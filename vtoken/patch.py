@@ -292,15 +292,12 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
     info = adapter.model_info()
     parts: list[Reducer] = []
     for r in reducers:
-        r = copy.copy(r)  # instances may be shared between patches of different models
-        r.configure(info)
-        parts.extend(r.parts())
+        parts.extend(r.configured(info))  # new, frozen reducers: instances may be shared between patches
     runtime = Runtime(parts)
     check_stages(runtime.reducers, adapter_cls.stages, adapter.family)
     _check_composition(runtime)
-    adapter.runtime = runtime
     try:
-        adapter.install()
+        adapter.install(runtime)
     except BaseException:
         adapter.remove()
         raise

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vtoken.errors import LayoutError
-from vtoken.ledger import ImageSpan, Layout, compact, gather_rows, image_rows
+from vtoken.ledger import ImageSpan, Layout, apply, gather_rows, image_rows, renumbering
 from vtoken.reducers.base import Reducer, Signal, SignalRequest, StageInput
 from vtoken.timing import Timer
 
@@ -56,7 +55,6 @@ def run_point(
     dec_shift: torch.Tensor | None = None
     changed = merged = False
     starts = torch.tensor([s.start for s in spans], device=device, dtype=torch.long)
-    sample_of = [s.sample for s in spans]
     pinned = [s.pinned for s in spans]
     inner = _inner_table(spans, device)
     for reducer in reducers:
@@ -94,44 +92,24 @@ def run_point(
                 if sel.counts is None:
                     raise LayoutError(f"adaptive reducer {reducer.name!r} must report Selection.counts")
                 keep = list(sel.counts)
-            dump = b * length
-            idx = torch.where(valid, flat, dump).reshape(-1)
-            keep_flat = torch.cat([layout.valid.reshape(-1), layout.valid.new_zeros(1)])
-            keep_flat.index_copy_(0, idx, (sel.keep & valid).reshape(-1))
-            keep_rows = keep_flat[:-1].view(b, length)
-            if sel.values is not None:
-                merged = True
-                h = torch.cat([flat_hidden, flat_hidden.new_zeros(1, d)])
-                h.index_copy_(0, idx, sel.values.reshape(-1, d).to(h.dtype))
-                hidden = h[:-1].view(b, length, d)
-            size = layout.size
-            if sel.sizes is not None:
-                s = torch.cat([size.reshape(-1), size.new_zeros(1)])
-                s.index_copy_(0, idx, sel.sizes.reshape(-1).to(s.dtype))
-                size = s[:-1].view(b, length)
-            lengths = list(layout.lengths)
-            for i, k in enumerate(keep):
-                lengths[sample_of[i]] -= selectable[i] - k
             if reducer.adaptive or not _counts_tested(reducer):
                 _check_counts(reducer, sel.keep & valid, keep)
-            comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
-            comp.layout.counts = [k + p for k, p in zip(keep, pinned)]
-            if not comp.changed:
-                layout = comp.layout
+            res = apply(layout, hidden, flat, valid, sel.keep, keep, spans, sel.values, sel.sizes)
+            merged = merged or res.merged
+            hidden = res.hidden
+            if not res.changed:
+                layout = res.layout
                 continue
             changed = True
             if reducer.renumber:
-                dropped = comp.dropped.long()
-                before = dropped.cumsum(1) - dropped
+                before, total = renumbering(res.dropped)
                 pos_shift = before if pos_shift is None else pos_shift + before
-                total = dropped.sum(1)
                 dec_shift = total if dec_shift is None else dec_shift + total
             if pos_shift is not None:
-                pos_shift = gather_rows(pos_shift, comp.src, fill=0)
-            hidden = gather_rows(hidden, comp.src, fill=0)
-            src_total = gather_rows(src_total, comp.src, fill=length)
-            length = comp.layout.shape[1]
-            layout = comp.layout
+                pos_shift = gather_rows(pos_shift, res.src, fill=0)
+            src_total = gather_rows(src_total, res.src, fill=length)
+            length = res.layout.shape[1]
+            layout = res.layout
     return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed, merged)
 
 

@@ -7,6 +7,7 @@ for) and applies the `Selection` it returns through the token ledger.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -179,7 +180,32 @@ class Reducer:
         return ()
 
     def configure(self, info: ModelInfo) -> None:
-        """Resolve defaults that depend on the model (layers, ...); called once when patching."""
+        """Resolve defaults that depend on the model (layers, ...), in place; `configured` calls it on
+        a copy (subclasses override this one)."""
+
+    def configured(self, info: ModelInfo) -> list[Reducer]:
+        """New reducers for `info`'s model: this one's parts with the model's defaults resolved, frozen
+        (the reducer given to `vtoken.patch` is never changed, and a patch's reducers cannot be)."""
+        new = self.thawed()
+        new.configure(info)
+        parts = new.parts()
+        for part in parts:
+            part.__dict__["_frozen"] = True
+        return parts
+
+    def thawed(self) -> Reducer:
+        """A modifiable shallow copy (for `configured` and schedule re-solving)."""
+        new = copy.copy(self)
+        new.__dict__["_frozen"] = False
+        return new
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise ParameterError(
+                f"{self.name}: the reducers of a patch are frozen (setting {name!r}); build a new reducer, "
+                f"e.g. vtoken.get({self.name!r})({name}=...), and patch again"
+            )
+        object.__setattr__(self, name, value)
 
     def parts(self) -> list[Reducer]:
         """The reducers this one installs as (a method acting in several stages returns one per stage)."""

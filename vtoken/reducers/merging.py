@@ -11,7 +11,6 @@ merged group then reaches the LLM as one token (`MergedGroups`, at the boundary)
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -86,9 +85,10 @@ class EncoderMerge(Reducer):
         token-dependent schedule is solved again (itself if the count is the configured one)."""
         if tokens == self._tokens:
             return self
-        other = copy.copy(self)
+        other = self.thawed()
         other._tokens = tokens
         other._solve()
+        other.__dict__["_frozen"] = self.__dict__.get("_frozen", False)
         return other
 
     def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
