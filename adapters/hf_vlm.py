@@ -46,7 +46,7 @@ class HFVisionLanguageAdapter(Adapter):
     """Base for transformers VLM adapters; subclasses describe the family's anatomy."""
 
     stages = frozenset({"encoder", "boundary", "decoder"})
-    pos_emb_seq_dim = LLMSignals.pos_emb_seq_dim
+    pos_emb_seq_dim = 1  # sequence dim of the (cos, sin) position embeddings (side path and rewriting)
 
     # --- anatomy, provided by subclasses -----------------------------------------------------------
     # attribute paths of the family's parts from the top-level model (resolved by compat.attribute)

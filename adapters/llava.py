@@ -112,7 +112,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             self.merger = ViTMerger(encoder[0], blocks, merge_layers=self.feature_layer() + 1)
             self.merger.install(self.handles)
             if encoder[0].vtu is not None:
-                if any(not r.adaptive for r in self.runtime.boundary) or self.runtime.decoder:  # beyond MergedGroups
+                if any(not r.internal for r in self.runtime.boundary) or self.runtime.decoder:
                     raise UnsupportedModelError(
                         "vtu (virtual token unmerging) cannot be combined with pruning reducers: the LLM "
                         "must see every merged group"

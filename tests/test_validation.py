@@ -322,3 +322,29 @@ def test_a_patch_configures_new_frozen_reducers(llava):
             stage1.keep = 8
     mine.keep = 8  # the caller's instance stays an ordinary, modifiable reducer
     assert mine.keep == 8
+
+
+def test_internal_steps_are_not_listed_and_copies_of_patch_reducers_are_modifiable(llava):
+    with vtoken.patch(llava, "tome", r=2) as p:
+        assert [r.name for r in p.reducers] == ["tome"]  # the boundary step it adds is vtoken's own
+        assert all(line.strip().startswith(("vtoken patch", "tome")) for line in p.describe().splitlines())
+        variant = copy.copy(p.reducers[0])
+        variant.r = 3  # a copy is a new, modifiable reducer; the patch's own stays frozen
+        with pytest.raises(vtoken.ParameterError, match="frozen"):
+            p.reducers[0].r = 3
+
+
+def test_random_draws_follow_the_seed_when_a_reducer_is_reused(llava):
+    """The caller's reducer shares its score cache with the patch's copy: a new seed must not reuse it."""
+    ids, px = torch.tensor([make_prompt(1, text=4)]), pixels(1)
+    mine = vtoken.get("random")(keep=3, seed=0)
+    kept = []
+    for seed in (0, 1):
+        mine.seed = seed
+        with vtoken.patch(llava, mine) as p:
+            llava(input_ids=ids, pixel_values=px)
+            kept.append(p.runtime.last_layout.index[0].tolist())
+    fresh = vtoken.get("random")(keep=3, seed=1)
+    with vtoken.patch(llava, fresh) as p:
+        llava(input_ids=ids, pixel_values=px)
+        assert p.runtime.last_layout.index[0].tolist() == kept[1] != kept[0]

@@ -53,7 +53,7 @@ class Patch:
 
     @property
     def reducers(self) -> list[Reducer]:
-        return list(self.runtime.reducers)
+        return [r for r in self.runtime.reducers if not r.internal]
 
     @property
     def stats(self) -> Stats:
@@ -101,7 +101,7 @@ class Patch:
     def describe(self) -> str:
         """What was applied, to which model, and why (e.g. the family default)."""
         lines = [f"vtoken patch on {self.adapter.describe()}" + ("" if self.active else " (removed)")]
-        lines += [f"  {r.describe()}" for r in self.runtime.reducers]
+        lines += [f"  {r.describe()}" for r in self.reducers]
         if self.note:
             lines.append(f"  ({self.note})")
         return "\n".join(lines)

@@ -33,8 +33,6 @@ ATTENTION_KINDS = ("llm_attention", "llm_modality_mass")  # read from q/k captur
 class LLMSignals:
     """Installs the LLM captures a runtime's requests need and answers those requests."""
 
-    pos_emb_seq_dim = 1  # sequence dim of the (cos, sin) position embeddings
-
     def __init__(self, adapter: HFVisionLanguageAdapter) -> None:
         self.adapter = adapter
         requests = adapter.runtime.signals
@@ -201,8 +199,8 @@ class LLMSignals:
         cos, sin = position_embeddings
         rope = self.adapter.names.rope
         k = rope(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[0]
-        cq = gather_rows(cos, idx, dim=self.pos_emb_seq_dim)
-        sq = gather_rows(sin, idx, dim=self.pos_emb_seq_dim)
+        cq = gather_rows(cos, idx, dim=self.adapter.pos_emb_seq_dim)
+        sq = gather_rows(sin, idx, dim=self.adapter.pos_emb_seq_dim)
         qt = q.transpose(1, 2)
         qh = rope(qt, qt, cq, sq)[0]  # (B, H, Q, hd)
         self.call.signal_flops += received_from_queries_flops(qh, length)

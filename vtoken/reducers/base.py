@@ -7,7 +7,6 @@ for) and applies the `Selection` it returns through the token ledger.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import numbers
@@ -151,6 +150,7 @@ class Reducer:
     # the host (a device read); subclasses that override `select` are checked again
     counts_tested: ClassVar[bool] = False
     order: ClassVar[int] = 0  # among the reducers of one reduction point: lower runs first
+    internal: ClassVar[bool] = False  # a step vtoken adds itself (not listed in Patch.reducers / describe)
     keep: Keep | None = None
     renumber: bool = False
 
@@ -194,10 +194,14 @@ class Reducer:
         return parts
 
     def thawed(self) -> Reducer:
-        """A modifiable shallow copy (for `configured` and schedule re-solving)."""
-        new = copy.copy(self)
+        """A modifiable shallow copy (for `configured` and schedule re-solving); `copy.copy` gives the
+        same. A deep copy (of a patched model) keeps its reducers frozen."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
         new.__dict__["_frozen"] = False
         return new
+
+    __copy__ = thawed
 
     def __setattr__(self, name: str, value: Any) -> None:
         if self.__dict__.get("_frozen", False):

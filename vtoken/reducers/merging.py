@@ -115,6 +115,7 @@ class MergedGroups(Reducer):
 
     counts_tested: ClassVar[bool] = True
     order: ClassVar[int] = -1
+    internal: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = True
     keep: int | float | None = 1.0

@@ -30,10 +30,10 @@ class RandomPrune(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()  # seed: an int (checked there)
         check_range(self, "seed", -(2**63), 2**64, hi_open=True)  # what torch.Generator.manual_seed takes
-        self._tables: dict[tuple[int, str], torch.Tensor] = {}
+        self._tables: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def _scores(self, n: int, device: torch.device) -> torch.Tensor:
-        key = (n, str(device))
+        key = (self.seed, n, str(device))  # the cache may be shared by copies (configured, thawed)
         if key not in self._tables:
             g = torch.Generator().manual_seed(self.seed)
             self._tables[key] = torch.rand(n, generator=g).to(device)
