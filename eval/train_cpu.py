@@ -5,13 +5,22 @@ Recipe (measured in docs/shapes.md):
   pixel (no downscaling) at a quarter of the LLM cost of the 576-token LLaVA-1.5 grid;
 - stage "vision": the CLIP tower alone learns dense per-patch labels from the renderer (for the object
   centred in each patch: how many centres, shape, colour, character, x, y, log radius) through small
-  auxiliary heads on the projector's input (the feature layer); the heads live only in the checkpoint,
-  the saved model is a plain `LlavaForConditionalGeneration`;
+  auxiliary heads on the projector's input (the feature layer), weighted per head (`--aux-weights`:
+  shape and character count more, colour is learnt first anyway); the heads live only in the
+  checkpoint, the saved model is a plain `LlavaForConditionalGeneration`;
 - stage "llm": the tower is frozen; projector + LLM learn to answer `--qa` questions per image as
-  successive turns (loss on the answers only), so the 144 visual tokens are paid once per 8-16 answers;
+  successive turns (loss on the answers only; `--unique-qa`: no question twice in a sequence, so no
+  answer can be copied from an earlier turn), so the 144 visual tokens are paid once per 8-16 answers;
+  the first `--curriculum-steps` steps use scenes of 1..`--curriculum` objects (from a pool of their
+  own), where a question's referent is found without exact shape matching;
+- `--token-aux`: in the llm and joint stages the LLM's output logits at the visual positions (unused
+  by the answer loss) are trained to name each covered patch's colour and shape words and, at an
+  object's centre, its character: dense supervision of the visual tokens in the LLM's own vocabulary;
 - stage "joint": everything trains, the auxiliary loss is kept on the tower;
 - data: a pool of `--pool` rendered training scenes (train split stream); `--refresh` pool slots are
   replaced by new scenes every step, so the data never repeats for long;
+- diagnosis: `python -m vtoken.eval.train_cpu --probe OUT/checkpoint` prints the aux heads' per-patch
+  accuracy on validation scenes and, per category, the answer loss with the right vs a shuffled image;
 - AdamW, bf16 autocast, per stage warm-up / constant / final linear decay (the constant part can be
   extended by raising the stage's steps on resume); one torch thread by default;
 - resumable: a checkpoint (model, aux heads, optimiser, RNG, pool ids, curve) is written every
@@ -39,7 +48,7 @@ from torch.nn import functional as F
 
 from vtoken.eval import models
 from vtoken.eval.font import CHARACTERS
-from vtoken.eval.shapes import CATEGORIES, COLORS, SHAPES, SIZE, _mask
+from vtoken.eval.shapes import CATEGORIES, COLORS, SHAPES, SIZE, _mask, _place, _question, render
 from vtoken.eval.train import (
     _flat_optimizer,
     _scene,
@@ -100,15 +109,26 @@ def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) 
     return out
 
 
+def small_scene(seed: int, sid: int, max_objects: int, text_p: float = 0.5) -> tuple[np.ndarray, list]:
+    """Scene `sid` of the curriculum stream with 1..`max_objects` objects (a stream of its own per
+    `max_objects`, disjoint from the full-scene training stream and from every benchmark split)."""
+    rng = np.random.default_rng([seed, 0, sid, 10**6 + max_objects])
+    objs: list = []
+    while not objs:
+        objs = _place(rng, int(rng.integers(1, max_objects + 1)), SIZE, text_p=text_p)
+    return render(objs, rng, SIZE), objs
+
+
 class Pool:
     """`n` rendered training scenes (uint8 images, object lists, patch labels), refreshed slot by slot.
 
-    Slot contents are scene ids of the training stream (`train._scene(seed, id)`), so a pool is
-    rebuilt exactly from its ids.
+    Slot contents are scene ids of the training stream (`train._scene(seed, id)`, or `small_scene` for
+    a curriculum pool with `max_objects` < 9), so a pool is rebuilt exactly from its ids.
     """
 
-    def __init__(self, n: int, seed: int, side: int, ids: list[int] | None = None, next_id: int | None = None):
-        self.seed, self.side = seed, side
+    def __init__(self, n: int, seed: int, side: int, ids: list[int] | None = None, next_id: int | None = None,
+                 max_objects: int = 9):
+        self.seed, self.side, self.max_objects = seed, side, max_objects
         self.ids = list(range(n)) if ids is None else list(ids)
         self.next_id = len(self.ids) if next_id is None else next_id
         self.images = torch.empty((len(self.ids), SIZE, SIZE, 3), dtype=torch.uint8)
@@ -119,7 +139,10 @@ class Pool:
             self._fill(slot, sid)
 
     def _fill(self, slot: int, sid: int) -> None:
-        image, objs = _scene((self.seed, sid))
+        if self.max_objects >= 9:
+            image, objs = _scene((self.seed, sid))
+        else:
+            image, objs = small_scene(self.seed, sid, self.max_objects)
         self.images[slot] = torch.from_numpy(image)
         self.objs[slot] = objs
         for k, v in patch_labels(objs, self.side).items():
@@ -131,6 +154,49 @@ class Pool:
         for slot in rng.integers(0, len(self.ids), count).tolist():
             self._fill(slot, self.next_id)
             self.next_id += 1
+
+
+def make_batch_unique(ids: torch.Tensor, objs: list[list], proc: Any, qa: int, rng: np.random.Generator,
+                      image_tokens: int, tries: int = 24) -> dict[str, torch.Tensor]:
+    """Like `train.make_batch` (same prompt format, loss on the answers only), but no question is asked
+    twice in one sequence: a repeated question could be answered by copying the earlier turn's answer
+    instead of reading the image (frequent in small scenes). A sequence ends early when `tries`
+    draws find no new question."""
+    tok = proc.tokenizer
+    placeholder = getattr(proc, "image_token", "<image>")
+    rows: list[tuple[list[int], list[int]]] = []
+    for scene in (objs[i] for i in ids.tolist()):
+        seq: list[int] = []
+        lab: list[int] = []
+        asked: set[str] = set()
+        for _ in range(qa):
+            pair = None
+            for _ in range(tries):
+                pair = _question(CATEGORIES[int(rng.integers(len(CATEGORIES)))], scene, rng)
+                if pair is not None and pair[0] not in asked:
+                    break
+                pair = None
+            if pair is None:
+                break
+            asked.add(pair[0])
+            text = models.prompt_text(proc, pair[0])
+            if not seq:
+                p_ids = tok(text.replace(placeholder, placeholder * image_tokens))["input_ids"]
+            else:
+                p_ids = tok(text.replace(placeholder, ""), add_special_tokens=False)["input_ids"]
+            a_ids = [*tok(pair[1], add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            seq += p_ids + a_ids
+            lab += [-100] * len(p_ids) + a_ids
+        rows.append((seq, lab))
+    length = max(len(seq) for seq, _ in rows)
+    out = {"input_ids": torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long),
+           "labels": torch.full((len(rows), length), -100, dtype=torch.long),
+           "attention_mask": torch.zeros((len(rows), length), dtype=torch.long)}
+    for i, (seq, lab) in enumerate(rows):
+        out["input_ids"][i, : len(seq)] = torch.tensor(seq)
+        out["labels"][i, : len(seq)] = torch.tensor(lab)
+        out["attention_mask"][i, : len(seq)] = 1
+    return out
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -153,8 +219,9 @@ def build(vision: tuple[int, int, int], llm: tuple[int, int, int, int], patch: i
 class AuxHeads(nn.Module):
     """Per-patch classifiers / regressors on the vision features (training only, never saved)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, weights: dict[str, float] | None = None) -> None:
         super().__init__()
+        self.weights = {k: 1.0 for k in HEADS} | (weights or {})  # per-head loss weights (not saved)
         self.norm = nn.LayerNorm(width)
         self.heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in HEADS.items()})
 
@@ -167,12 +234,43 @@ class AuxHeads(nn.Module):
             y = labels[k]
             if k == "geom":
                 m = (labels["centres"] > 0).float()[..., None]
-                loss = loss + 10 * ((pred - y) ** 2 * m).sum() / m.sum().clamp(min=1) / 3
+                loss = loss + self.weights[k] * 10 * ((pred - y) ** 2 * m).sum() / m.sum().clamp(min=1) / 3
                 continue
-            loss = loss + F.cross_entropy(pred.flatten(0, 1), y.flatten(), ignore_index=-1)
+            loss = loss + self.weights[k] * F.cross_entropy(pred.flatten(0, 1), y.flatten(), ignore_index=-1)
             valid = y >= 0
             acc[k] = ((pred.argmax(-1) == y) & valid).sum() / valid.sum().clamp(min=1)
         return loss, acc
+
+
+def word_ids(tok: Any) -> dict[str, torch.Tensor]:
+    """Token id of each colour, shape and character class's answer word (heads' class order)."""
+    return {"color": torch.tensor([tok.convert_tokens_to_ids(c) for c in COLOR_NAMES]),
+            "shape": torch.tensor([tok.convert_tokens_to_ids(s) for s in SHAPES]),
+            "char": torch.tensor([tok.convert_tokens_to_ids(c.lower()) for c in CHARACTERS])}
+
+
+def token_aux_loss(logits: torch.Tensor, labels: dict[str, torch.Tensor],
+                   words: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Dense supervision of the visual tokens in the LLM's own vocabulary.
+
+    `logits` (B, N, V) are the LLM's output logits at the N visual positions (the readout of the last
+    hidden state, unused by the answer loss). Each patch covered by an object gets a target spread
+    evenly over the answer words of that object's colour and shape (cover labels) and, at the patch
+    of its centre, its character; background patches carry no target.
+    """
+    b, n, v = logits.shape
+    target = torch.zeros((b, n, v))
+    rows = torch.arange(b * n)
+    for key, cls in (("cover_color", "color"), ("cover_shape", "shape"), ("char", "char")):
+        y = labels[key].reshape(-1)
+        ok = (y >= 0) & (y < len(words[cls]))
+        target.view(-1, v)[rows[ok], words[cls][y[ok]]] += 1.0
+    mass = target.sum(-1, keepdim=True)
+    valid = mass[..., 0] > 0
+    if not valid.any():
+        return logits.sum() * 0
+    logp = F.log_softmax(logits.float(), -1)
+    return -((target / mass.clamp(min=1)) * logp).sum(-1)[valid].mean()
 
 
 def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -206,18 +304,38 @@ def lr_factor(i: int, n: int, warmup: int, decay: float) -> float:
 
 def save_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
                     state: dict[str, Any], rng: np.random.Generator) -> None:
-    """Model, aux heads and optimiser as <= 16 MB shards plus state.json (written last)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.safetensors"):
-        old.unlink()
-    save_sharded(model.state_dict(), folder, "model")
-    save_sharded(aux.state_dict(), folder, "aux")
+    """Model, aux heads and optimiser as <= 16 MB shards plus state.json, written into FOLDER.tmp and
+    then swapped in by renames, so a process killed while saving leaves a complete checkpoint (the
+    previous one: FOLDER, or FOLDER.old between the two renames; `checkpoint_folder` finds it)."""
+    import shutil
+
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_sharded(model.state_dict(), tmp, "model")
+    save_sharded(aux.state_dict(), tmp, "aux")
     tensors, meta = _flat_optimizer(opt)
-    save_sharded(tensors, folder, "optim")
+    save_sharded(tensors, tmp, "optim")
     full = {**state, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state().tolist(), "optimizer": meta}
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(full))
-    tmp.replace(folder / "state.json")
+    (tmp / "state.json").write_text(json.dumps(full))
+    for path in tmp.iterdir():
+        path.chmod(0o644)
+    if (folder / "state.json").exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_folder(folder: Path) -> Path | None:
+    """The complete checkpoint to resume from: FOLDER, else FOLDER.old (a save interrupted between its
+    two renames), else None."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "state.json").exists():
+            return candidate
+    return None
 
 
 def load_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
@@ -243,6 +361,60 @@ def validate(model: nn.Module, proc: Any, batches: list) -> dict[str, Any]:
     return {"accuracy": rec["metrics"]["accuracy"], "per_category": rec["metrics"]["per_category"]}
 
 
+@torch.no_grad()
+def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, Any]:
+    """Diagnose a checkpoint folder: does the tower encode each patch, and does the LLM read it?
+
+    - "patch_probe": accuracy of the (linear) aux heads on validation-split scenes, on the patches
+      where a target applies (cover_*: patches covered by an object; shape / color / char: object
+      centres, char only where the object carries one), with the majority-class rate beside it;
+    - "answer_loss": per category, the answer-token loss on `per_category` validation questions
+      with their own image ("right") and with another question's image ("shuffled"): equal losses
+      mean the LLM answers that category without reading the visual tokens.
+    """
+    from vtoken.eval.shapes import sample
+
+    state = json.loads((folder / "state.json").read_text())
+    a = state["args"]
+    model, proc = build(tuple(a["vision"]), tuple(a["llm"]), a["patch"], a["feature_layer"])
+    model.load_state_dict(load_sharded(folder, "model"))
+    model.eval()
+    aux = AuxHeads(a["vision"][1])
+    aux.load_state_dict(load_sharded(folder, "aux"))
+    side = SIZE // a["patch"]
+    items = [sample("val", 10**5 + i, 0) for i in range(scenes)]
+    images = torch.from_numpy(np.stack([s.image for s in items]))
+    labs = [patch_labels(s.objects, side) for s in items]
+    labels = {k: torch.from_numpy(np.stack([x[k] for x in labs])) for k in labs[0]}
+    feats = torch.cat([vision_features(model, pixels_llava(images[i:i + 50])) for i in range(0, scenes, 50)])
+    h = aux.norm(feats.float())
+    patch_probe = {}
+    for k in ("cover_color", "cover_shape", "color", "shape", "char"):
+        y = labels[k]
+        m = (y < len(SHAPES)) if k == "cover_shape" else (y >= 0) & (y < len(CHARACTERS)) if k == "char" else y >= 0
+        pred = aux.heads[k](h).argmax(-1)
+        patch_probe[k] = {"acc": round(float((pred[m] == y[m]).float().mean()), 3), "n": int(m.sum()),
+                          "majority": round(float(torch.bincount(y[m]).max() / m.sum().clamp(min=1)), 3)}
+    tok = proc.tokenizer
+    answer_loss = {}
+    for cat in CATEGORIES:
+        qs = [sample("val", 2 * 10**5 + i, 0, category=cat) for i in range(per_category)]
+        row = {}
+        for mode, shift in (("right", 0), ("shuffled", 1)):
+            losses = []
+            for j, q in enumerate(qs):
+                text = models.prompt_text(proc, q.question).replace("<image>", "<image>" * side * side)
+                p_ids = tok(text)["input_ids"]
+                a_ids = tok(q.answer, add_special_tokens=False)["input_ids"]
+                px = pixels_llava(torch.from_numpy(qs[(j + shift) % len(qs)].image)[None])
+                out = model(input_ids=torch.tensor([p_ids + a_ids]), labels=torch.tensor([[-100] * len(p_ids) + a_ids]),
+                            pixel_values=px)
+                losses.append(float(out.loss))
+            row[mode] = round(float(np.mean(losses)), 3)
+        answer_loss[cat] = row
+    return {"checkpoint": str(folder), "step": state["step"], "patch_probe": patch_probe, "answer_loss": answer_loss}
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -251,7 +423,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model, proc = build(args.vision, args.llm, args.patch, args.feature_layer)
     side = SIZE // args.patch
     tokens = side * side
-    aux = AuxHeads(args.vision[1])
+    aux = AuxHeads(args.vision[1], args.aux_weights)
     model.train()
     params = [*model.parameters(), *aux.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
@@ -259,13 +431,26 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     lengths = {"vision": args.vision_steps, "llm": args.llm_steps, "joint": args.joint_steps}
     state: dict[str, Any] = {"step": 0, "minutes": 0.0, "images": 0, "answers": 0, "curve": []}
     pool_ids, next_id = None, None
-    if args.resume and (ckpt / "state.json").exists():
-        state = load_checkpoint(ckpt, model, aux, opt, rng)
+    small_ids, small_next = None, None
+    if args.resume and (found := checkpoint_folder(ckpt)) is not None:
+        state = load_checkpoint(found, model, aux, opt, rng)
         pool_ids, next_id = state.pop("pool_ids"), state.pop("next_id")
-        print(f"resumed from {ckpt} at step {state['step']} ({state['minutes']:.1f} min so far)", flush=True)
+        small_ids, small_next = state.pop("small_ids", None), state.pop("small_next", None)
+        print(f"resumed from {found} at step {state['step']} ({state['minutes']:.1f} min so far)", flush=True)
+    elif args.init:
+        prefix = "model.vision_tower."
+        tower = {k[len(prefix):]: v for k, v in load_sharded(Path(args.init), "model").items() if k.startswith(prefix)}
+        model.model.vision_tower.load_state_dict(tower)
+        aux.load_state_dict(load_sharded(Path(args.init), "aux"))
+        print(f"vision tower and aux heads initialised from {args.init}", flush=True)
     t0 = time.time()
     pool = Pool(args.pool, args.seed, side, pool_ids, next_id)
     print(f"pool of {args.pool} scenes rendered in {time.time() - t0:.1f}s", flush=True)
+    small = None
+    if args.curriculum and args.curriculum_steps and (stage_of(state["step"], lengths) or ("",))[0] != "joint":
+        small = Pool(args.small_pool, args.seed, side, small_ids, small_next, max_objects=args.curriculum)
+        print(f"curriculum pool of {args.small_pool} scenes (1-{args.curriculum} objects)", flush=True)
+    words = word_ids(proc.tokenizer)
     val = None
     if args.eval:
         from vtoken.eval import runner
@@ -285,13 +470,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     def checkpoint() -> None:
         state["minutes"] = round(minutes(), 3)
         save_checkpoint(ckpt, model, aux, opt, {**state, "pool_ids": pool.ids, "next_id": pool.next_id,
-                                                "args": _jsonable(vars(args))}, rng)
+                                                "args": _jsonable(vars(args)),
+                                                **({"small_ids": small.ids, "small_next": small.next_id}
+                                                   if small is not None else {})}, rng)
 
     def evaluate_now(stage: str) -> None:
         if val is None:
             return
+        try:  # the runner lives in the shared package: a failure there must not end a long run
+            scores = validate(model, proc, val)
+        except Exception as e:
+            model.train()
+            print(f"[val] step {state['step']} skipped: {type(e).__name__}: {e}", flush=True)
+            return
         point = {"step": state["step"], "stage": stage, "images": state["images"], "answers": state["answers"],
-                 "minutes": round(minutes(), 2), **validate(model, proc, val)}
+                 "minutes": round(minutes(), 2), **scores}
         state["curve"].append(point)
         with curve_file.open("a") as f:
             f.write(json.dumps(point) + "\n")
@@ -316,23 +509,32 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for g in opt.param_groups:
             g["lr"] = peak * lr_factor(i, n, args.warmup, args.decay)
         batch_size = args.vision_batch if stage == "vision" else args.batch
-        ids = torch.from_numpy(rng.integers(0, len(pool.ids), batch_size))
-        px = pixels_llava(pool.images[ids])
-        labels = {k: v[ids] for k, v in pool.labels.items()}
+        src = pool
+        if small is not None and stage == "llm" and i < args.curriculum_steps:
+            src = small  # curriculum: small scenes first
+        ids = torch.from_numpy(rng.integers(0, len(src.ids), batch_size))
+        px = pixels_llava(src.images[ids])
+        labels = {k: v[ids] for k, v in src.labels.items()}
         log: dict[str, float] = {}
         with autocast:
             if stage == "vision":
                 loss, acc = aux(vision_features(model, px), labels)
                 log.update({f"aux_{k}": v for k, v in acc.items()})
             else:
-                batch = make_batch(ids, pool.objs, proc, args.qa, rng, tokens)
+                batch = (make_batch_unique if args.unique_qa else make_batch)(ids, src.objs, proc, args.qa, rng, tokens)
                 feats: dict[str, torch.Tensor] = {}
                 hook = None
                 if stage == "joint":
                     layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
                     hook = layer.register_forward_hook(_capture(feats))
-                loss = model(**batch, pixel_values=px).loss
+                out_ = model(**batch, pixel_values=px)
+                loss = out_.loss
                 log["lm"] = loss.detach()
+                if args.token_aux:
+                    vis = batch["input_ids"] == model.config.image_token_id
+                    tok_loss = token_aux_loss(out_.logits[vis].view(batch_size, tokens, -1), labels, words)
+                    log["tok"] = tok_loss.detach()
+                    loss = loss + args.token_aux * tok_loss
                 if hook is not None:
                     hook.remove()
                     aux_loss, _ = aux(feats["h"][:, 1:], labels)
@@ -343,7 +545,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        pool.refresh(args.refresh, rng)
+        if src is small:
+            small.refresh(args.small_refresh, rng)
+        else:
+            pool.refresh(args.refresh, rng)
         state["step"] += 1
         state["images"] += batch_size
         logs.append({"loss": loss.detach(), **log})
@@ -399,15 +604,25 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def _weights(text: str) -> dict[str, float]:
+    out = {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    if unknown := set(out) - set(HEADS):
+        raise argparse.ArgumentTypeError(f"unknown aux heads {sorted(unknown)}; heads: {', '.join(HEADS)}")
+    return out
+
+
 def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m vtoken.eval.train_cpu", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="run folder: checkpoint/ and curve.jsonl")
+    ap.add_argument("--out", help="run folder: checkpoint/ and curve.jsonl (required unless --probe)")
+    ap.add_argument("--probe", metavar="CKPT", help="only diagnose this checkpoint folder (see `probe`) and exit")
     ap.add_argument("--save", help="write the final bf16 model + processor + vtoken.json here")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", help="take the vision tower + aux heads from this checkpoint folder "
+                    "(with --vision-steps 0: skip the vision stage)")
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much time (resume later)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -417,26 +632,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="vision layer the projector reads (-1: the last; LLaVA-1.5 uses -2)")
     ap.add_argument("--llm", type=_dims, default=(4, 192, 6, 2), help="Llama layers,width,heads,kv-heads")
     ap.add_argument("--pool", type=int, default=4000, help="rendered scenes held in memory")
-    ap.add_argument("--refresh", type=int, default=2, help="pool slots replaced by new scenes per step")
-    ap.add_argument("--vision-steps", type=int, default=1500)
-    ap.add_argument("--llm-steps", type=int, default=8000)
-    ap.add_argument("--joint-steps", type=int, default=1000)
+    ap.add_argument("--refresh", type=int, default=8, help="pool slots replaced by new scenes per step")
+    ap.add_argument("--curriculum", type=int, default=3,
+                    help="llm stage: the first --curriculum-steps steps use scenes of 1..this many objects (0: off)")
+    ap.add_argument("--curriculum-steps", type=int, default=800)
+    ap.add_argument("--small-pool", type=int, default=1500, help="curriculum scenes held in memory")
+    ap.add_argument("--small-refresh", type=int, default=4, help="curriculum pool slots replaced per step")
+    ap.add_argument("--token-aux", type=float, default=1.0,
+                    help="weight of the per-patch answer-word loss on the LLM's visual-token logits (0: off)")
+    ap.add_argument("--vision-steps", type=int, default=3000)
+    ap.add_argument("--llm-steps", type=int, default=2000)
+    ap.add_argument("--joint-steps", type=int, default=6000)
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--qa", type=int, default=12, help="question turns per image and sequence")
+    ap.add_argument("--unique-qa", action=argparse.BooleanOptionalAction, default=True,
+                    help="never ask the same question twice in one sequence")
     ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--joint-lr", type=float, default=3e-4)
+    ap.add_argument("--joint-lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--decay", type=float, default=0.2, help="final fraction of each stage with linear decay")
     ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--aux-weights", type=_weights, default="shape=2,cover_shape=2,char=3",
+                    help="per-head weights of the tower's aux loss, e.g. shape=3,char=3 (others: 1)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--eval", type=int, default=280, help="validation questions per curve point (0: none)")
+    ap.add_argument("--eval", type=int, default=420, help="validation questions per curve point (0: none)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--save-every", type=float, default=600.0, help="seconds between checkpoints")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not (args.out or args.probe):
+        ap.error("--out is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.probe:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(probe(Path(args.probe)), indent=1), flush=True)
+    else:
+        train(args)
 
 
 if __name__ == "__main__":
-    train(parse())
+    main()

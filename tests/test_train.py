@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import pytest
@@ -51,6 +52,7 @@ def test_local_directory_still_loads_and_unknown_names_are_refused(tmp_path):
 
 def _tiny(out, steps: tuple[int, int, int], *extra: str) -> list[str]:
     return ["--out", str(out), "--vision", "1,32,2", "--llm", "1,32,2,1", "--pool", "6", "--refresh", "1",
+            "--small-pool", "4",
             "--vision-steps", str(steps[0]), "--llm-steps", str(steps[1]), "--joint-steps", str(steps[2]),
             "--vision-batch", "2", "--batch", "2", "--qa", "2", "--warmup", "1", "--eval", "0", "--log-every", "1",
             *extra]
@@ -90,3 +92,63 @@ def test_patch_labels_mark_each_object_centre():
     assert lab["shape"][12] == 3 and lab["color"][12] == 0  # the star, red, patch (row 1, col 0)
     assert lab["char"][10 * 12 + 10] == 29  # the circle has no character: the extra class
     assert (lab["shape"] >= 0).sum() == 3
+
+
+def test_token_aux_targets_are_the_patch_words():
+    from vtoken.eval.models import build_processor
+    from vtoken.eval.shapes import Obj
+    from vtoken.eval.train_cpu import patch_labels, token_aux_loss, word_ids
+
+    tok = build_processor(patch_size=28).tokenizer
+    words = word_ids(tok)
+    star = Obj("star", "red", 20.0, 30.0, 14.0, "K")
+    lab = {k: torch.from_numpy(v)[None] for k, v in patch_labels([star], 12).items()}
+    assert (lab["cover_color"] >= 0).any() and lab["char"][0, 12] == 15  # "K" at the centre patch (row 1, col 0)
+    no_cover = {**lab, "cover_color": torch.full_like(lab["cover_color"], -1),
+                "cover_shape": torch.full_like(lab["cover_shape"], 6)}
+    logits = torch.full((1, 144, len(tok)), -30.0)
+    logits[0, 12, tok.convert_tokens_to_ids("k")] = 0.0
+    assert token_aux_loss(logits, no_cover, words).item() < 1e-6  # the centre's target: its character word
+    logits = torch.full((1, 144, len(tok)), -30.0)
+    logits[0][:, [tok.convert_tokens_to_ids(w) for w in ("red", "star")]] = 0.0
+    no_char = {**lab, "char": torch.full_like(lab["char"], -1)}
+    loss = token_aux_loss(logits, no_char, words).item()
+    assert abs(loss - math.log(2)) < 1e-4  # covered patches: half "red", half "star"
+
+
+def test_curriculum_and_token_aux_resume_bit_identically(tmp_path):
+    from vtoken.eval import train, train_cpu
+
+    extra = ("--curriculum", "2", "--curriculum-steps", "2", "--token-aux", "1", "--unique-qa")
+    a = train_cpu.train(train_cpu.parse(_tiny(tmp_path / "a", (1, 3, 1), *extra)))
+    train_cpu.train(train_cpu.parse(_tiny(tmp_path / "b", (1, 1, 0), *extra)))  # stops inside the curriculum
+    (tmp_path / "b" / "checkpoint").rename(tmp_path / "b" / "checkpoint.old")  # as if killed between renames
+    b = train_cpu.train(train_cpu.parse(_tiny(tmp_path / "b", (1, 3, 1), *extra, "--resume")))
+    assert a["steps"] == b["steps"] == 5
+    assert sorted(x.name for x in (tmp_path / "b").iterdir()) == ["checkpoint"]  # no .old / .tmp left behind
+    wa = train.load_sharded(tmp_path / "a" / "checkpoint", "model")
+    wb = train.load_sharded(tmp_path / "b" / "checkpoint", "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(1 <= len(o) <= 2 for o in train_cpu.Pool(3, 0, 12, max_objects=2).objs)
+    report = train_cpu.probe(tmp_path / "a" / "checkpoint", scenes=2, per_category=2)
+    assert report["step"] == 5 and set(report["answer_loss"]) == set(train_cpu.CATEGORIES)
+    assert all(0 <= r["acc"] <= 1 for r in report["patch_probe"].values())
+
+
+def test_unique_qa_batches_never_repeat_a_question_and_label_only_answers():
+    import numpy as np
+
+    from vtoken.eval.models import build_processor
+    from vtoken.eval.train_cpu import Pool, make_batch_unique
+
+    proc = build_processor(patch_size=28)
+    tok = proc.tokenizer
+    pool = Pool(4, 0, 12, max_objects=1)  # one object: few distinct questions, so repeats would be common
+    batch = make_batch_unique(torch.arange(4), pool.objs, proc, 12, np.random.default_rng(0), 144)
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        assert int((ids == tok.convert_tokens_to_ids("<image>")).sum()) == 144
+        text = " ".join(t for t in tok.convert_ids_to_tokens(ids.tolist()) if t not in ("<image>", "<pad>"))
+        questions = [q.split(" ASSISTANT:")[0] for q in text.split("USER: ")[1:]]
+        assert len(questions) == len(set(questions)) >= 3
+        labelled = tok.convert_ids_to_tokens(labels[labels != -100].tolist())
+        assert labelled[1::2] == ["</s>"] * len(questions)  # answer word, end of turn; prompts unlabelled
