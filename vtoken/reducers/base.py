@@ -381,18 +381,9 @@ class EncoderReducer(Protocol):
     adaptive: ClassVar[bool]
     proportional: bool  # add log(size) to the attention logits (ToMe §3)
     vtu: str | None  # virtual token unmerging in the LLM: "expand", "exact" or None
-
-    @property
-    def metric_kind(self) -> str:
-        """"keys" / "states" (merge before the MLP) or "output" (merge after it)."""
-
-    @property
-    def weighted(self) -> bool:
-        """Size-weighted averages (True) or plain means of the merged tokens."""
-
-    @property
-    def prefix_tokens(self) -> int:
-        """Tokens before the patches that never merge (CLS, distillation, registers)."""
+    metric_kind: str  # "keys" / "states" (merge before the MLP) or "output" (merge after it)
+    weighted: bool  # size-weighted averages (True) or plain means of the merged tokens
+    prefix_tokens: int  # tokens before the patches that never merge (CLS, distillation, registers)
 
     def resized(self, tokens: int) -> EncoderReducer:
         """The reducer for a tower run with `tokens` patch tokens (its schedule solved again)."""
