@@ -33,14 +33,13 @@ def match_images(embeds: torch.Tensor, images: list[tuple[int, int, int]], recor
     flat = embeds.reshape(-1, d)
     if not recorded:
         raise SignalError(error)
-    counts = torch.tensor([n for n, _ in recorded])
+    counts = torch.tensor([n for n, _ in recorded], device=embeds.device)
     theirs = torch.stack([fp.reshape(2) for _, fp in recorded]).to(embeds.device)
-    out = []
-    for sample, start, n in images:
-        row0 = sample * length + start
-        mine = fingerprint(flat[row0: row0 + n][None])[0]
-        hits = (same(mine[None], theirs).cpu() & (counts == n)).nonzero().flatten().tolist()
-        if not hits:
-            raise SignalError(error)
-        out.append(hits[-1] if latest else hits[0])
-    return out
+    mine = torch.cat([fingerprint(flat[s * length + start: s * length + start + n][None]) for s, start, n in images])
+    sizes = torch.tensor([n for _, _, n in images], device=embeds.device)
+    hits = (same(mine[:, None], theirs[None]) & (counts[None] == sizes[:, None])).cpu()  # one host read
+    if not bool(hits.any(1).all()):
+        raise SignalError(error)
+    order = torch.arange(len(recorded))
+    picked = torch.where(hits, order, -1).amax(1) if latest else torch.where(hits, order, len(recorded)).amin(1)
+    return picked.tolist()
