@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from vtoken.adapter import Adapter
-from vtoken.adapters.hf import compat, decode, forward, prefill
+from vtoken.adapters.hf import accounting, compat, decode, forward, prefill
 from vtoken.adapters.hf.llm_signals import LLMSignals
 from vtoken.adapters.hf.state import Call
+from vtoken.adapters.hf.static import StaticBatch
 from vtoken.errors import BudgetError, LayoutError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec
 from vtoken.ledger import ImageSpan, Layout, per_sample
@@ -151,11 +152,17 @@ class HFVisionLanguageAdapter(Adapter):
         self.handles.append(self.model.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(self.model.register_forward_hook(self._top_post, with_kwargs=True))
         self.handles.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            self.handles.append(head.register_forward_hook(self._logits_post))
         first = min([*rt.decoder, self.llm_signals.first_layer()], default=n_layers)
         for i in range(first, n_layers):
             self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         self.llm_signals.install(self.handles)
         self.install_vision()
+
+    def resolve_stats(self) -> None:
+        accounting.resolve(self)
 
     def prefill_starts(self, inputs: dict[str, Any]) -> None:
         """A prefill call begins (before its vision tower runs); subclasses may drop stale captures."""
@@ -180,6 +187,15 @@ class HFVisionLanguageAdapter(Adapter):
     def static_image_tokens(self) -> int | None:
         """Tokens per image if every image has the same count (None if it varies)."""
         return None
+
+    def static_batch(self, inputs: dict[str, Any], batch: int) -> StaticBatch | None:
+        """This call's image structure from shapes alone, for a graph-safe prefill (`hf/static.py`);
+        None where the family or the call cannot give it (the prefill then reads it from the mask)."""
+        return None
+
+    def static_ok(self) -> bool:
+        """The patch's reducers all have fixed budgets (no content-adaptive counts, no exact VTU)."""
+        return not any(r.adaptive for r in self.runtime.reducers) and not self.runtime.encoder
 
     # --- top-level call ----------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +226,9 @@ class HFVisionLanguageAdapter(Adapter):
                 raise LayoutError(f"image at sample {sample}, position {start} has {n} tokens, not {grid[0]}x{grid[1]}")
             spans.append(ImageSpan(sample, start, grid))
         return spans
+
+    def _logits_post(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
+        return forward.expand_logits(self, module, inputs, output)
 
     def _top_post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         return forward.end(self, module, args, kwargs, output)

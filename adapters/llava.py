@@ -20,6 +20,7 @@ from torch import nn
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.encoder import BlockSpec, ViTMerger
+from vtoken.adapters.hf.static import StaticBatch
 from vtoken.adapters.hf.vision_match import fingerprint, match_images
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.adapters.vtu import VirtualUnmerge
@@ -76,6 +77,24 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             has_cls=self.model.config.vision_feature_select_strategy == "default",
             vision_tokens=h * w, prefix_tokens=1,
         )
+
+    def static_batch(self, inputs: dict[str, Any], batch: int) -> StaticBatch | None:
+        if not self.static_ok():
+            return None
+        h, w = self.grid()
+        pixels = inputs.get("pixel_values")
+        if pixels is not None:
+            count = pixels.shape[0]
+        else:  # generate() 5.23+: the features encoded before the first step
+            pre = self.names.pre_computed_vision(inputs)
+            feats = getattr(pre, "pooler_output", None)
+            if feats is None:
+                return None
+            feats = feats if isinstance(feats, (list, tuple)) else [feats]
+            count = sum(f.numel() // f.shape[-1] for f in feats) // (h * w)
+        if count == 0 or count % batch:
+            return None
+        return StaticBatch(count, count // batch, h * w)
 
     def static_image_tokens(self) -> int | None:
         if self.runtime.encoder:
@@ -182,6 +201,14 @@ class LlavaAdapter(HFVisionLanguageAdapter):
                 "before the model was patched; run the patched model on pixel_values"
             )
         tokens = cap["features"].shape[1]
+        if self.call.lengths is None:  # static prefill: the images are the last tower run's, in order
+            if cap["features"].shape[0] != len(self.call.images):
+                raise SignalError(
+                    f"the last vision-tower run encoded {cap['features'].shape[0]} images but this call has "
+                    f"{len(self.call.images)}; a static (graph-safe) prefill reads vision signals in order "
+                    "(pass pixel_values to the call, or set vtoken.patched(model).static_layout = False)")
+            self._vision_rows = torch.arange(len(self.call.images))
+            return
         rows = match_images(embeds, self.call.images, [(tokens, fp) for fp in cap["fingerprint"]],
                             "the images of this call do not match the last vision-tower run; vtoken reads vision "
                             "signals from the tower run that produced the features (pass pixel_values to the call)")

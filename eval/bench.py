@@ -103,6 +103,7 @@ def write(records: list[dict[str, Any]], out: str | None, table: str) -> None:
 # --- VLM time to first token, decode speed, memory, with the oracle ---------------------------------
 
 
+COMPILE_REDUCERS = ("random", "hiprune", "fastv", "visionzip")
 DEFAULT_REDUCERS = ("random", "pool", "fastv", "hiprune", "visionzip", "divprune", "todre", "transprune")
 
 
@@ -205,6 +206,95 @@ def _oracle_time(model: Any, inputs: dict[str, torch.Tensor], geo: dict[str, Any
         model(inputs_embeds=short, attention_mask=mask, logits_to_keep=1)
 
     return median_time(run, dev, repeat)
+
+
+def bench_vlm_compile(arch: str = "llava-small", reducers: tuple[str, ...] = ("random", "hiprune", "fastv"),
+                      keeps: tuple[int, ...] = (64,), batches: tuple[int, ...] = (1,), device: str = "cpu",
+                      dtype: torch.dtype = torch.float32, repeat: int = 10,
+                      mode: str | None = None) -> list[dict[str, Any]]:
+    """TTFT of each reducer eager and under torch.compile (`mode`, e.g. "reduce-overhead" for CUDA
+    graphs), each against the oracle run the same way. Oracle and reducer calls alternate (ABAB) so that
+    a noisy moment hits both; the ratio is the median of the per-pair ratios."""
+    import copy
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    dev = torch.device(device)
+    model, geo = build_vlm(arch, dtype, dev)
+    oracle_model = copy.deepcopy(model)  # never patched: the oracle must not pass vtoken's hooks
+    env = environment(dev, dtype)
+    measure = _timer(dev)
+    records: list[dict[str, Any]] = []
+    for b in batches:
+        inputs = _vlm_inputs(model, geo, b, dev, dtype)
+        for k in keeps:
+            oracle = _oracle_fn(oracle_model, inputs, k, dev)
+            oracles = {"eager": oracle, "compiled": torch.compile(oracle, mode=mode)}
+            for name in reducers:
+                with vtoken.patch(model, name, keep=k):
+                    runs = {"eager": model, "compiled": torch.compile(model, mode=mode)}
+                    for how, m in runs.items():
+                        def prefill(m: Any = m, inputs: dict[str, torch.Tensor] = inputs) -> Any:
+                            return m(**inputs, logits_to_keep=1)
+
+                        pairs = _interleaved(oracles[how], prefill, measure, repeat)
+                        records.append(_compile_record(arch, b, name, k, how, mode, pairs))
+    for r in records:
+        r["environment"] = env
+    return records
+
+
+def _oracle_fn(model: Any, inputs: dict[str, torch.Tensor], keep: int, dev: torch.device) -> Callable[[], Any]:
+    """The oracle's TTFT as one function (vision tower + projector, then the LLM on `keep` visual rows)."""
+    with torch.no_grad():
+        embed = model.get_input_embeddings()(inputs["input_ids"])
+        img = (inputs["input_ids"] == model.config.image_token_id)[0]
+        first, last = int(img.nonzero()[0]), int(img.nonzero()[-1])
+    before, after = embed[:, :first], embed[:, last + 1:]
+    mask = torch.ones(embed.shape[0], first + keep + after.shape[1], dtype=torch.long, device=dev)
+    pixels = inputs["pixel_values"]
+
+    def run() -> Any:
+        feats = torch.stack(list(model.get_image_features(pixel_values=pixels).pooler_output))
+        short = torch.cat([before, feats[:, :keep].to(before.dtype), after], 1)
+        return model(inputs_embeds=short, attention_mask=mask, logits_to_keep=1)
+
+    return run
+
+
+def _interleaved(a: Callable[[], Any], b: Callable[[], Any], measure: Callable[[Callable[[], Any]], float],
+                 repeat: int, warmup: int = 3) -> list[tuple[float, float]]:
+    """(time of a, time of b) for `repeat` alternating pairs, after `warmup` of each (compilation)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            a()
+            b()
+        return [(measure(a), measure(b)) for _ in range(repeat)]
+
+
+def _compile_record(arch: str, batch: int, reducer: str, keep: int, how: str, mode: str | None,
+                    pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    oracle = statistics.median(o for o, _ in pairs)
+    t = statistics.median(r for _, r in pairs)
+    ratios = sorted(r / o for o, r in pairs)
+    return {
+        "config": {"arch": arch, "batch": batch, "reducer": reducer, "keep": keep, "mode": how,
+                   "compile_mode": mode if how == "compiled" else None},
+        "metrics": {"ttft_ms": 1e3 * t, "oracle_ttft_ms": 1e3 * oracle,
+                    "ratio_to_oracle": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                    "pairs": len(pairs)},
+    }
+
+
+def compile_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| arch | batch | reducer | keep | mode | TTFT ms | oracle TTFT ms | TTFT / oracle (median of pairs) "
+             "| min-max over pairs |", "|---" * 9 + "|"]
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        how = c["mode"] if c["compile_mode"] is None else f"compiled ({c['compile_mode']})"
+        lines.append(f"| {c['arch']} | {c['batch']} | {c['reducer']} | {c['keep']} | {how} | {m['ttft_ms']:.1f} "
+                     f"| {m['oracle_ttft_ms']:.1f} | {m['ratio_to_oracle']:.2f} | {m['ratio_min']:.2f}-"
+                     f"{m['ratio_max']:.2f} |")
+    return "\n".join(lines)
 
 
 def _overhead(p: vtoken.Patch, prefill: Callable[[], Any]) -> float:

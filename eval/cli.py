@@ -150,6 +150,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                   args.device, _dtype(args.dtype), args.repeat)
         bench.write(records, args.out, bench.vit_table(records))
         return 0
+    if args.target == "vlm" and args.compile:
+        try:
+            records = bench.bench_vlm_compile(
+                args.model or "llava-small", tuple(args.reducer or bench.COMPILE_REDUCERS), tuple(args.keep or [64]),
+                tuple(args.batch or [1]), args.device, _dtype(args.dtype), args.repeat, args.compile_mode)
+        except (ValueError, vtoken_errors()) as e:
+            raise UsageError(str(e)) from None
+        bench.write(records, args.out, bench.compile_table(records))
+        return 0
     if args.target == "vlm":
         try:
             records = bench.bench_vlm(args.model or "llava-small", tuple(args.reducer or bench.DEFAULT_REDUCERS),
@@ -307,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", default="cpu")
     bn.add_argument("--dtype", default="fp32")
     bn.add_argument("--repeat", type=int, default=10)
+    bn.add_argument("--compile", action="store_true",
+                    help="vlm: TTFT eager and under torch.compile, each against the oracle run the same way (ABAB)")
+    bn.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode with --compile (e.g. reduce-overhead: CUDA graphs; default: none)")
     bn.add_argument("--out", help="append JSONL records here (and write a .md table beside it)")
     bn.set_defaults(func=cmd_bench)
     sw = sub.add_parser("sweep", help="run a grid of configs from a YAML file (resumable)")

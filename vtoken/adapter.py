@@ -55,6 +55,9 @@ class Adapter(ABC):
     def install_hooks(self) -> None:
         """Install the hooks for `self.runtime` (subclasses)."""
 
+    def resolve_stats(self) -> None:  # noqa: B027 (optional hook with a no-op default)
+        """Finish statistics recorded as pending (static prefills count on the device); default: none."""
+
     def remove(self) -> None:
         """Remove every hook this adapter installed (idempotent)."""
         for h in reversed(self.handles):

@@ -6,8 +6,11 @@ previous one. A layout is a padded batch: row `r` of sample `b` holds original c
 `valid == False`. Padding goes to the start of a row (left padding, so the last column stays the
 last prompt token, as generation needs) unless the batch was right-padded to begin with.
 
-Everything is vectorised over the batch; the only host-side numbers are the per-image and
-per-sample token counts, which are known from the budgets without reading device memory.
+Everything is vectorised over the batch; the only host-side numbers are the per-image token
+counts, known from the budgets without reading device memory, and the per-sample lengths, which
+a *static* (graph-safe) layout leaves on the device: there each reduction shortens the padded
+rows by the smallest per-sample drop (host, from the budgets), and shorter samples get more
+padding rows instead of a host read of their lengths.
 """
 
 from __future__ import annotations
@@ -58,38 +61,57 @@ class Layout:
     valid: torch.Tensor  # bool: the row holds a real (attended) token
     image: torch.Tensor  # long: global image id of visual rows, -1 elsewhere
     size: torch.Tensor  # float: original tokens the row stands for (1 unless merged)
-    lengths: list[int]  # host: valid rows per sample
+    lengths: list[int] | None  # host: valid rows per sample (None in a static layout: see `len_t`)
     counts: list[int]  # host: visual rows per image (pinned ones included)
     orig_len: int
-    right_align: bool  # padding rows at the start of each row
+    right_align: bool | torch.Tensor  # padding rows at the start of each row (a 0-d bool tensor if static)
     entry: list[int] | None = None  # host: selectable visual rows per image entering the LLM (after boundary)
+    len_t: torch.Tensor | None = None  # (B,) long, device: valid rows per sample
+    starts: torch.Tensor | None = None  # (n_img,) long, device: first original column of each image
+
+    @property
+    def static(self) -> bool:
+        """True when the per-sample lengths live on the device only (graph-safe prefill)."""
+        return self.lengths is None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.valid.shape)  # type: ignore[return-value]
 
     @staticmethod
-    def initial(valid: torch.Tensor, spans: list[ImageSpan], lengths: list[int], right_align: bool) -> Layout:
+    def initial(valid: torch.Tensor, spans: list[ImageSpan], lengths: list[int] | None,
+                right_align: bool | torch.Tensor, starts: torch.Tensor | None = None) -> Layout:
         """The layout of an unreduced batch: row r holds column r.
 
         right_align: the batch is left-padded (its last column is real everywhere), so padding that
         reductions add goes to the start of each row too.
+        lengths / starts: host lengths per sample and the spans' host starts, or (static layout)
+        None and the images' first columns as a device tensor.
         """
         b, length = valid.shape
         device = valid.device
-        image = torch.full((b, length), -1, dtype=torch.long)
-        for i, s in enumerate(spans):
-            image[s.sample, s.start : s.start + s.n] = i
+        if starts is None:
+            starts = torch.tensor([s.start for s in spans], dtype=torch.long)
+        starts = starts.to(device)
+        n = torch.tensor([s.n for s in spans], dtype=torch.long, device=device)
+        sample = torch.tensor([s.sample for s in spans], dtype=torch.long, device=device)
+        j = torch.arange(max((s.n for s in spans), default=0), device=device)
+        cell = torch.where(j < n[:, None], sample[:, None] * length + starts[:, None] + j, b * length)
+        ids = torch.arange(len(spans), device=device)[:, None].expand_as(cell)
+        image = torch.full((b * length + 1,), -1, dtype=torch.long, device=device)
+        image = image.scatter(0, cell.reshape(-1), ids.reshape(-1))[:-1].view(b, length)
         return Layout(
             index=torch.arange(length, device=device).expand(b, length),
             valid=valid,
-            image=image.to(device),
+            image=image,
             size=torch.ones(b, length, device=device),
-            lengths=list(lengths),
+            lengths=None if lengths is None else list(lengths),
             counts=[s.n for s in spans],
             orig_len=length,
             right_align=right_align,
             entry=[s.n - s.pinned for s in spans],
+            len_t=valid.sum(1),
+            starts=starts,
         )
 
 
@@ -145,23 +167,29 @@ class Compaction:
     changed: bool  # False when nothing was dropped (the old layout is returned as is)
 
 
-def compact(layout: Layout, keep_rows: torch.Tensor, lengths: list[int]) -> Compaction:
+def compact(layout: Layout, keep_rows: torch.Tensor, drops: list[int]) -> Compaction:
     """Drop the rows where `keep_rows` is False (B, L), re-padding to the longest sample.
 
-    `lengths` are the valid rows per sample after the drop (known on the host from the budgets).
+    `drops` are the valid rows each sample loses (known on the host from the budgets). With host
+    lengths the new row count is the longest sample's; in a static layout it is the old count minus
+    the smallest drop, an upper bound that needs no device read (shorter samples get more padding).
     """
     b, length = layout.shape
     device = keep_rows.device
     keep_rows = keep_rows & layout.valid
     dropped = layout.valid & ~keep_rows
-    if lengths == layout.lengths:
+    if not any(drops):
         src = torch.arange(length, device=device).expand(b, length)
         return Compaction(layout, src, dropped, changed=False)
-    new_len = max(lengths, default=0)
+    lengths = None if layout.lengths is None else [n - d for n, d in zip(layout.lengths, drops)]
+    new_len = max(lengths, default=0) if lengths is not None else length - min(drops, default=0)
+    len_t = layout.len_t - torch.tensor(drops, dtype=torch.long, device=device)
     dest = keep_rows.long().cumsum(1) - 1
-    if layout.right_align:
-        offset = new_len - torch.tensor(lengths, device=device, dtype=torch.long)
-        dest = dest + offset[:, None]
+    ra = layout.right_align
+    if isinstance(ra, torch.Tensor):
+        dest = dest + ((new_len - len_t) * ra.long())[:, None]
+    elif ra:
+        dest = dest + (new_len - len_t)[:, None]
     dest = torch.where(keep_rows, dest, new_len)
     src = torch.full((b, new_len + 1), length, dtype=torch.long, device=device)
     src.scatter_(1, dest, torch.arange(length, device=device).expand(b, length).contiguous())
@@ -171,11 +199,13 @@ def compact(layout: Layout, keep_rows: torch.Tensor, lengths: list[int]) -> Comp
         valid=gather_rows(layout.valid, src, fill=False),
         image=gather_rows(layout.image, src, fill=-1),
         size=gather_rows(layout.size, src, fill=0.0),
-        lengths=list(lengths),
+        lengths=lengths,
         counts=list(layout.counts),
         orig_len=layout.orig_len,
         right_align=layout.right_align,
         entry=layout.entry,
+        len_t=len_t,
+        starts=layout.starts,
     )
     return Compaction(new, src, dropped, changed=True)
 
@@ -206,16 +236,25 @@ def per_sample(spans: list[ImageSpan], counts: list[int], batch: int) -> list[in
     return out
 
 
+def host_lengths(layout: Layout) -> list[int]:
+    """Valid rows per sample on the host: a static layout's are read from the device (statistics
+    only, never in the forward)."""
+    if layout.lengths is not None:
+        return list(layout.lengths)
+    return layout.len_t.tolist()  # type: ignore[union-attr]
+
+
 def layer_counts(starts: dict[int, Layout], layers: int, lengths: list[int], spans: list[ImageSpan]
                  ) -> list[tuple[list[int], list[int]]]:
-    """Per LLM layer, (rows per sample, visual rows per sample) from the host counts of the layouts
-    that start at each layer (`starts`: layer -> layout; layer 0 is the boundary). No device read."""
+    """Per LLM layer, (rows per sample, visual rows per sample) of the layouts that start at each
+    layer (`starts`: layer -> layout; layer 0 is the boundary). No device read but a static
+    layout's lengths (`host_lengths`)."""
     batch = len(lengths)
     cur = (list(lengths), per_sample(spans, [s.n for s in spans], batch))
     out = []
     for i in range(layers):
         if i in starts:
-            cur = (list(starts[i].lengths), per_sample(spans, starts[i].counts, batch))
+            cur = (host_lengths(starts[i]), per_sample(spans, starts[i].counts, batch))
         out.append(cur)
     return out
 
@@ -254,10 +293,10 @@ def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.
     if values is not None:
         hidden = scatter(hidden, values)
     size = layout.size if sizes is None else scatter(layout.size, sizes)
-    lengths = list(layout.lengths)
+    drops = [0] * b
     for span, n, k in zip(spans, layout.counts, counts):
-        lengths[span.sample] -= n - span.pinned - k
-    comp = compact(dataclasses.replace(layout, size=size), keep_rows, lengths)
+        drops[span.sample] += n - span.pinned - k
+    comp = compact(dataclasses.replace(layout, size=size), keep_rows, drops)
     comp.layout.counts = [k + s.pinned for k, s in zip(counts, spans)]
     if comp.changed:
         hidden = gather_rows(hidden, comp.src, fill=0)

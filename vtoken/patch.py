@@ -58,9 +58,23 @@ class Patch:
     @property
     def stats(self) -> Stats:
         """Statistics of the last forward / generate (see `vtoken.stats.Stats`)."""
+        self.adapter.resolve_stats()
         stats = self.runtime.stats
         stats.overhead_s = self.runtime.timer.seconds
         return stats
+
+    @property
+    def static_layout(self) -> bool | None:
+        """Graph-safe prefill layouts (no host read or sync, fixed shapes; every sample of a batch must
+        then hold the same number of images): True, False, or None (default) = while torch.compile
+        traces the model. See docs/api.md."""
+        return self.runtime.static_layout
+
+    @static_layout.setter
+    def static_layout(self, value: bool | None) -> None:
+        if value not in (True, False, None):
+            raise ParameterError(f"static_layout must be True, False or None (automatic), got {value!r}")
+        self.runtime.static_layout = value
 
     @contextmanager
     def prompt(self, length: int | Sequence[int]) -> Iterator[Patch]:
@@ -94,7 +108,7 @@ class Patch:
         if lay is None:
             return []
         flat, valid = image_rows(lay)
-        starts = torch.tensor([s.start for s in spans], device=flat.device)
+        starts = lay.starts if lay.starts is not None else torch.tensor([s.start for s in spans], device=flat.device)
         pos = lay.index.reshape(-1)[flat] - starts[:, None]
         return [p[v].cpu() for p, v in zip(pos, valid)]
 
@@ -135,6 +149,20 @@ class Patch:
             return self
         twin = patched(copy.deepcopy(model, memo))
         return self if twin is None else twin  # None only while the model itself is still being copied
+
+
+def _guard_hooks() -> None:
+    """Make torch.compile guard on module hooks. By default it does not
+    (`torch._dynamo.config.skip_nnmodule_hook_guards`), so graphs traced for an unpatched model — one
+    compiled before the patch, or another instance of the same class — would be replayed for the
+    patched one without vtoken's hooks (silently unreduced), or with another patch's. With the guard, a
+    changed set of hooks recompiles instead. Process-wide, and only stricter: never a different result.
+    Graphs compiled before the guard was on lack it, so they are dropped (once: a recompilation)."""
+    import torch._dynamo  # 1-2 s on first import: only once vtoken patches
+
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
 
 
 def _active(model: nn.Module) -> Patch | None:
@@ -297,6 +325,7 @@ def patch(model: nn.Module, reducer: ReducerSpec | Sequence[ReducerSpec] | None 
     check_stages(runtime.reducers, adapter_cls.stages, adapter.family)
     _check_composition(runtime)
     try:
+        _guard_hooks()
         adapter.install(runtime)
     except BaseException:
         adapter.remove()

@@ -3,8 +3,11 @@ reduction point, the signals they need, the reducer timer and the statistics of 
 
 from __future__ import annotations
 
+import torch
+
 from vtoken.errors import UnsupportedModelError
 from vtoken.reducers.base import STAGE_ORDER, Reducer, SignalRequest
+from vtoken.stage import resolve_tested
 from vtoken.stats import Stats
 from vtoken.timing import Timer
 
@@ -23,6 +26,7 @@ class Runtime:
                     self.decoder.setdefault(layer, []).append(r)
         self.decoder = dict(sorted(self.decoder.items()))
         self.signals: set[SignalRequest] = {s for r in self.reducers for s in r.signals()}
+        resolve_tested(self.reducers)
         self.timer = Timer()
         self.stats = Stats()
         # End (exclusive, original columns) of the prompt: text-conditioned signals read only rows
@@ -32,6 +36,14 @@ class Runtime:
         # The ledger of the last prefill: final layout and the image spans, for inspection.
         self.last_layout = None
         self.last_spans: list = []
+        # Graph-safe (static) prefill layouts: True / False, or None = while torch.compile traces.
+        self.static_layout: bool | None = None
+
+    def static_wanted(self) -> bool:
+        """Lay the prefill out without host reads (see `adapters/hf/static.py`)?"""
+        if self.static_layout is None:
+            return torch.compiler.is_compiling()
+        return self.static_layout
 
     def points(self) -> list[tuple[int | None, list[Reducer]]]:
         """Reduction points in the order tokens meet them: (None, boundary), then (layer, decoder)."""

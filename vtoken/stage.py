@@ -54,13 +54,13 @@ def run_point(
     pos_shift: torch.Tensor | None = None
     dec_shift: torch.Tensor | None = None
     changed = merged = False
-    starts = torch.tensor([s.start for s in spans], device=device, dtype=torch.long)
+    starts = layout.starts.to(device)  # type: ignore[union-attr]
     pinned = [s.pinned for s in spans]
     inner = _inner_table(spans, device)
     for reducer in reducers:
         if not layout.counts or max(layout.counts) == 0:
             break
-        with timer.at(device):
+        with timer.at(device):  # a no-op while torch.compile traces (see Timer.at)
             selectable = [c - p for c, p in zip(layout.counts, pinned)]
             entry = layout.entry or selectable
             keep = [reducer.budget(n, layer, e, s.share) if n > 0 else 0
@@ -93,7 +93,7 @@ def run_point(
                     raise LayoutError(f"adaptive reducer {reducer.name!r} must report Selection.counts")
                 keep = list(sel.counts)
             if reducer.adaptive or not _counts_tested(reducer):
-                _check_counts(reducer, sel.keep & valid, keep)
+                _check_counts(reducer, sel.keep & valid, keep, on_device=layout.static)
             res = apply(layout, hidden, flat, valid, sel.keep, keep, spans, sel.values, sel.sizes)
             merged = merged or res.merged
             hidden = res.hidden
@@ -141,15 +141,34 @@ def _aligner(signal: SignalSource | None, layout: Layout, flat: torch.Tensor, po
     return aligned
 
 
+_TESTED: dict[type, bool] = {}
+
+
 def _counts_tested(reducer: Reducer) -> bool:
-    """The class that defines the reducer's `select` declares it tested (`Reducer.counts_tested`)."""
-    owner = next(c for c in type(reducer).__mro__ if "select" in c.__dict__)
-    return bool(owner.__dict__.get("counts_tested", False))
+    """The class that defines the reducer's `select` declares it tested (`Reducer.counts_tested`).
+    Resolved once per class, outside torch.compile's tracing (which cannot walk a class's __dict__)."""
+    cls = type(reducer)
+    if cls not in _TESTED:
+        owner = next(c for c in cls.__mro__ if "select" in c.__dict__)
+        _TESTED[cls] = bool(owner.__dict__.get("counts_tested", False))
+    return _TESTED[cls]
 
 
-def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int]) -> None:
-    """Reducers whose selection is not declared tested are checked to keep exactly their budget (the
-    check reads device memory, which would stall the GPU pipeline)."""
+def resolve_tested(reducers: Sequence[Reducer]) -> None:
+    """Resolve `_counts_tested` for a patch's reducers (at patch time)."""
+    for r in reducers:
+        _counts_tested(r)
+
+
+def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int], on_device: bool = False) -> None:
+    """Reducers whose selection is not declared tested are checked to keep exactly their budget. The
+    check reads device memory, which stalls the GPU pipeline; in a static (graph-safe) layout it is
+    an asynchronous device assertion instead."""
+    if on_device:
+        want = torch.tensor(expected, dtype=torch.long, device=keep.device)
+        torch._assert_async((keep.sum(1) == want).all(), f"vtoken: reducer {reducer.name!r} did not keep "
+                            "exactly its budget per image; Selection.keep must have exactly the budget set")
+        return
     got = keep.sum(1).tolist()
     if got != expected:
         raise LayoutError(

@@ -31,6 +31,8 @@ class Stats:
     flops: dict[str, int] = field(default_factory=dict)
     decode_steps: int = 0
     overhead_s: float = 0.0
+    # (kind, record) of static (graph-safe) calls whose counts are computed when the stats are read
+    pending: list = field(default_factory=list, repr=False, compare=False)
 
     def add_flops(self, part: str, value: int) -> None:
         self.flops[part] = self.flops.get(part, 0) + int(value)

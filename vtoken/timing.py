@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -14,9 +15,13 @@ class Timer:
         self.cuda = torch.device(device).type == "cuda" if device is not None else False
         self.reset()
 
-    def at(self, device: torch.device | str) -> Timer:
+    def at(self, device: torch.device | str) -> Timer | contextlib.nullcontext:
         """Time the next block on `device`: CUDA events there (no host sync; read once in `seconds`),
-        `time.perf_counter` elsewhere. Use as `with timer.at(tensor.device): ...`."""
+        `time.perf_counter` elsewhere. Use as `with timer.at(tensor.device): ...`. While torch.compile
+        traces, nothing is timed: the block becomes part of a compiled graph, where host clocks and
+        events would only break the graph."""
+        if torch.compiler.is_compiling():
+            return contextlib.nullcontext()
         self.cuda = torch.device(device).type == "cuda"
         return self
 

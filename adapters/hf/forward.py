@@ -40,43 +40,65 @@ def begin(adapter: HFVisionLanguageAdapter, module: nn.Module, args: tuple, kwar
         decode.cached_inputs(adapter, inputs, state, cache_len)
         return (), inputs
     stats = rt.new_stats()
-    mask = adapter.image_token_mask(inputs)
-    if mask is None:
+    x = inputs.get("input_ids")
+    x = inputs.get("inputs_embeds") if x is None else x
+    if x is None:
         return None
-    stats.visual_tokens = [0] * mask.shape[0]
+    b, length = x.shape[:2]
+    stats.visual_tokens = [0] * b
     am = inputs.get("attention_mask")
     if am is not None and am.dim() != 2:
         raise LayoutError(
             "vtoken needs a 2-D padding attention_mask (batch, length); a prepared 4-D mask cannot "
-            "be re-sliced for the reduced sequence"
+            "be re-sliced for the reduced sequence (generate() prepares one for a static cache: "
+            "cache_implementation='static' is not supported yet, use the default dynamic cache)"
         )
-    b, length = mask.shape
-    img = mask.cpu()
-    valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=mask.device)
-    valid_cpu = valid.cpu()
-    images = adapter.split_runs(inputs, placeholder_runs(img & valid_cpu))
-    if not images:
-        return None
+    # graph-safe: the images' structure from shapes; no tensor op here (the boundary locates them), so
+    # a graph break inside transformers' forward leaves no vtoken graph before it
+    plan = adapter.static_batch(inputs, b) if rt.static_wanted() else None
+    if plan is not None:
+        call.static = plan
+        images = plan.images()
+        call.lengths = None
+    else:
+        mask = adapter.image_token_mask(inputs)
+        if mask is None:
+            return None
+        valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=mask.device)
+        img = mask.cpu()
+        valid_cpu = valid.cpu()
+        images = adapter.split_runs(inputs, placeholder_runs(img & valid_cpu))
+        if not images:
+            return None
+        call.valid = valid
+        call.lengths = valid_cpu.sum(1).tolist()
+        call.right_align = bool(valid_cpu[:, -1].all())
     call.mode = "prefill"
     adapter.prefill_starts(inputs)
     call.images = images
     call.inputs = inputs
-    call.valid = valid
-    call.lengths = valid_cpu.sum(1).tolist()
-    call.right_align = bool(valid_cpu[:, -1].all())
     if inputs.get("labels") is not None:
         call.labels = inputs.pop("labels")
         call.loss_kwargs = {k: inputs[k] for k in ("num_items_in_batch",) if k in inputs}
-        # scoring: the first scored label starts the continuation, which must not steer the reduction
-        scored = call.labels != -100
-        pos = torch.arange(scored.shape[1], device=scored.device).expand_as(scored)
-        call.prompt_end = torch.where(scored, pos, scored.shape[1]).amin(1)
     ltk = inputs.get("logits_to_keep", 0)
     if not (isinstance(ltk, int) and ltk in (0, 1)):
         call.logits_to_keep = ltk
         inputs["logits_to_keep"] = 0
     inputs["return_dict"] = True
     return (), inputs
+
+
+def expand_logits(adapter: HFVisionLanguageAdapter, module: nn.Module, inputs: tuple, output: Any) -> Any:
+    """The output embedding's forward hook: a prefill's logits back to the original length (here, not
+    in the top-level hook, so that they belong to the graph that computes them when compiled)."""
+    call = adapter.call
+    if call.mode != "prefill" or call.done or not isinstance(output, torch.Tensor) or output.dim() != 3:
+        return None
+    final = call.layout
+    call.lm_rows = output.shape[0] * output.shape[1]
+    if call.segments and output.shape[1] == final.shape[1]:
+        return expand_to_original(output, final)
+    return None
 
 
 def placeholder_runs(img: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -98,22 +120,25 @@ def end(adapter: HFVisionLanguageAdapter, module: nn.Module, args: tuple, kwargs
         final = call.layout
         rt.last_layout, rt.last_spans = final, call.spans
         logits = output.logits
-        lm_rows = logits.shape[0] * logits.shape[1]
-        if call.segments and logits.shape[1] == final.shape[1]:
-            logits = expand_to_original(logits, final)
+        lm_rows = call.lm_rows
+        if lm_rows is None:  # no output-embedding hook fired (a model without get_output_embeddings)
+            lm_rows = logits.shape[0] * logits.shape[1]
+            if call.segments and logits.shape[1] == final.shape[1]:
+                output.logits = logits = expand_to_original(logits, final)
         cache = adapter.names.output_cache_of(output)
         if cache is not None:
             exact = adapter.vtu is not None and adapter.vtu.mode == "exact"
             segments = call.segments
             if adapter.vtu is not None and not exact:  # expand: the cache holds the virtual (original) rows
                 segments = [s for s in segments if s.layer != 0]
-            state = DecodeState(segments, final.orig_len, final.shape[0], list(call.lengths),
+            state = DecodeState(segments, final.orig_len, final.shape[0],
+                                call.len_t if call.lengths is None else list(call.lengths),
                                 call.next_pos, vtu=call.vtu if exact else None)
             attach(cache, state)
         if call.logits_to_keep is not None:
             ltk = call.logits_to_keep
             logits = logits[:, -ltk:] if isinstance(ltk, int) else logits[:, ltk]
-        output.logits = logits
+            output.logits = logits
         if call.labels is not None:
             output.loss = module.loss_function(
                 logits=logits, labels=call.labels, vocab_size=adapter.text_config().vocab_size,

@@ -30,14 +30,28 @@ def boundary(adapter: HFVisionLanguageAdapter, args: tuple, kwargs: dict[str, An
     if embeds is None:
         raise LayoutError("vtoken expects the language model to be called with inputs_embeds")
     b, length, _ = embeds.shape
+    if call.static is not None:  # graph-safe: the images' columns and the padding stay on the device
+        mask = adapter.image_token_mask(call.inputs)
+        am = call.inputs.get("attention_mask")
+        call.valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=embeds.device)
+        call.starts = call.static.locate(mask & call.valid)
+        call.right_align = call.valid[:, -1].all()
+    call.len_t = call.valid.sum(1)
+    if call.labels is not None:  # scoring: the first scored label starts the continuation, which must not
+        scored = call.labels != -100  # steer the reduction
+        col = torch.arange(scored.shape[1], device=scored.device).expand_as(scored)
+        call.prompt_end = torch.where(scored, col, scored.shape[1]).amin(1)
     adapter.prepare_vision(embeds)
     call.spans = adapter.image_spans()
-    ends = [call.lengths[i] if not call.right_align else length for i in range(b)]
-    last_end = [-1] * b
-    for sp in call.spans:
-        last_end[sp.sample] = max(last_end[sp.sample], sp.start + sp.n)
-    call.text_after = [ends[i] - last_end[i] if last_end[i] >= 0 else call.lengths[i] for i in range(b)]
-    layout = Layout.initial(call.valid, call.spans, call.lengths, call.right_align)
+    if call.lengths is None:  # static: a host bound (the sample's columns less its image tokens)
+        call.text_after = [length - n for n in adapter.per_sample([sp.n for sp in call.spans], b)]
+    else:
+        ends = [call.lengths[i] if not call.right_align else length for i in range(b)]
+        last_end = [-1] * b
+        for sp in call.spans:
+            last_end[sp.sample] = max(last_end[sp.sample], sp.start + sp.n)
+        call.text_after = [ends[i] - last_end[i] if last_end[i] >= 0 else call.lengths[i] for i in range(b)]
+    layout = Layout.initial(call.valid, call.spans, call.lengths, call.right_align, starts=call.starts)
     pos = kwargs.get("position_ids")
     if pos is None:
         pos = torch.arange(length, device=embeds.device)[None]

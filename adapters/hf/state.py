@@ -36,7 +36,7 @@ class DecodeState:
     segments: list[Segment]
     orig_len: int
     batch: int
-    lengths: list[int]  # real prompt tokens per sample before any reduction
+    lengths: list[int] | torch.Tensor  # real prompt tokens per sample before any reduction ((B,) device if static)
     next_pos: torch.Tensor  # (B,) or (axes, B): first position id after the prompt (original numbering)
     vtu: Any = None  # VirtualMap of the prefill (exact virtual token unmerging)
 
@@ -75,8 +75,12 @@ class Call:
     inputs: dict[str, Any] = field(default_factory=dict)
     spans: list[ImageSpan] = field(default_factory=list)
     valid: torch.Tensor | None = None  # (B, L) bool, device
-    lengths: list[int] = field(default_factory=list)
-    right_align: bool = True
+    lengths: list[int] | None = field(default_factory=list)  # host; None in a static (graph-safe) prefill
+    right_align: bool | torch.Tensor = True  # a 0-d device bool in a static prefill
+    starts: torch.Tensor | None = None  # static prefill: (n_img,) first column of each image, device
+    static: Any = None  # static prefill: its StaticBatch (hf/static.py)
+    len_t: torch.Tensor | None = None  # (B,) real prompt tokens per sample, device (set at the boundary)
+    lm_rows: int | None = None  # rows the output embedding computed logits for (before re-expansion)
     layout: Layout | None = None
     pos: torch.Tensor | None = None  # position ids of the current layout's rows
     segments: list[Segment] = field(default_factory=list)

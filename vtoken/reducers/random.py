@@ -11,6 +11,8 @@ from vtoken.ops.select import topk_mask
 from vtoken.reducers.base import Reducer, Selection, Stage, StageInput, check_range
 from vtoken.registry import register
 
+_TABLE = 8192  # scores drawn at construction: enough for any image grid of the supported families
+
 
 @register("random")
 @dataclass
@@ -30,14 +32,27 @@ class RandomPrune(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()  # seed: an int (checked there)
         check_range(self, "seed", -(2**63), 2**64, hi_open=True)  # what torch.Generator.manual_seed takes
-        self._tables: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._tables: dict[tuple[int, str], torch.Tensor] = {}
+        self._table(_TABLE)
+
+    def _table(self, n: int) -> torch.Tensor:
+        """The seed's first >= n uniform scores on the CPU. torch.rand(n) is a prefix of torch.rand(N) for
+        one seed, so one long table serves every grid; it is drawn here, outside any forward, because a
+        torch.Generator made while torch.compile traces breaks the graph."""
+        key = (self.seed, "cpu")  # the cache may be shared by copies (configured, thawed)
+        if key not in self._tables or self._tables[key].numel() < n:
+            g = torch.Generator().manual_seed(self.seed)
+            self._tables[key] = torch.rand(max(n, _TABLE), generator=g)
+        return self._tables[key]
 
     def _scores(self, n: int, device: torch.device) -> torch.Tensor:
-        key = (self.seed, n, str(device))  # the cache may be shared by copies (configured, thawed)
-        if key not in self._tables:
-            g = torch.Generator().manual_seed(self.seed)
-            self._tables[key] = torch.rand(n, generator=g).to(device)
-        return self._tables[key]
+        key = (self.seed, str(device))
+        table = self._tables.get(key)
+        if table is None or table.numel() < n:
+            table = self._table(n).to(device)
+            if not torch.compiler.is_compiling():
+                self._tables[key] = table
+        return table[:n]
 
     def select(self, x: StageInput) -> Selection:
         n0 = max(h * w for h, w in x.grids)

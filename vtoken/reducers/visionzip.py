@@ -106,9 +106,11 @@ class VisionZip(Reducer):
         rest = n - dom_n
         remaining = keep.int().argsort(dim=1, stable=True)[:, :rest]  # non-dominant patches, raster order
         step = max(1, rest // ctx_n)
-        is_target = torch.zeros(rest, dtype=torch.bool, device=rows.device)
-        is_target[torch.arange(0, rest, step, device=rows.device)[:ctx_n]] = True
-        targets, others = remaining[:, is_target], remaining[:, ~is_target]
+        # every step-th non-dominant patch is a target (host indices: no data-dependent shape)
+        chosen = set(range(0, rest, step)[:ctx_n])
+        tgt = torch.tensor(sorted(chosen), dtype=torch.long, device=rows.device)
+        oth = torch.tensor([i for i in range(rest) if i not in chosen], dtype=torch.long, device=rows.device)
+        targets, others = remaining[:, tgt], remaining[:, oth]
         kn = F.normalize(keys.float(), dim=-1)
         assign = (kn[rows, others] @ kn[rows, targets].transpose(1, 2)).argmax(-1)  # (m, R - C)
         d = feats.shape[-1]

@@ -1,0 +1,202 @@
+"""Graph-safe (static) prefill (issue 14): no graph break or host read added by vtoken, compiled ==
+eager, static layouts == exact layouts, and a batch that breaks the static promise is refused."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import family_setup, make_batch, make_prompt, pixels
+
+import vtoken
+import vtoken.adapters
+from vtoken.eval.tiny import tiny_llava
+
+# fixed-budget reducers whose LLaVA prefill compiles whole (todre's stage 2 and DyMU decide their
+# counts from the content, encoder merging changes the tower: they keep the exact, host-read layout)
+STATIC = {
+    "random": {"keep": 16}, "pool": {"keep": 16}, "fastv": {"keep": 16}, "hiprune": {"keep": 16},
+    "visionzip": {"keep": 16}, "divprune": {"keep": 16}, "transprune": {},
+    "todre": {"keep": 16, "stage2": False},
+}
+ROOTS = tuple(str(Path(m.__file__).resolve().parent) for m in (vtoken, vtoken.adapters))
+
+
+def _explain(model: torch.nn.Module, inp: dict) -> int:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch._dynamo.explain(model)(**inp).graph_break_count
+
+
+@pytest.fixture(scope="module")
+def unpatched_breaks() -> int:
+    model, inp, _ = family_setup("llava")
+    return _explain(model.eval(), inp)
+
+
+@pytest.mark.parametrize("name", ["random", "hiprune", "fastv", "visionzip"])
+def test_patched_llava_has_the_unpatched_graph_breaks(name, unpatched_breaks):
+    model, inp, _ = family_setup("llava")
+    with vtoken.patch(model.eval(), name, **STATIC[name]):
+        assert _explain(model, inp) == unpatched_breaks
+
+
+def test_exact_layout_breaks_the_graph_where_the_static_one_does_not(unpatched_breaks):
+    """The test above can fail: forcing the host-read layout under tracing adds breaks."""
+    model, inp, _ = family_setup("llava")
+    with vtoken.patch(model.eval(), "random", keep=16) as h:
+        h.static_layout = False
+        assert _explain(model, inp) > unpatched_breaks
+
+
+class _HostReads:
+    """Counts host reads (.item, .tolist, .cpu, bool(), nonzero, ...) made from vtoken's own code."""
+
+    names = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __enter__(self) -> _HostReads:
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.names}
+        for n, fn in self.saved.items():
+            setattr(torch.Tensor, n, self._wrap(n, fn))
+        return self
+
+    def _wrap(self, name, fn):
+        def wrapper(t, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ROOTS):
+                self.calls.append(f"{name} at {caller}:{sys._getframe(1).f_lineno}")
+            return fn(t, *a, **k)
+
+        return wrapper
+
+    def __exit__(self, *exc) -> None:
+        for n, fn in self.saved.items():
+            setattr(torch.Tensor, n, fn)
+
+
+@pytest.mark.parametrize("name", sorted(STATIC))
+def test_static_prefill_reads_nothing_back_and_equals_the_exact_layout(name):
+    model, inp, _ = family_setup("llava")
+    model.eval()
+    with vtoken.patch(model, name, **STATIC[name]) as h, torch.no_grad():
+        exact = model(**inp).logits
+        exact_counts = h.stats.tokens_per_layer
+        h.static_layout = True
+        with _HostReads() as reads:
+            static = model(**inp).logits
+        assert reads.calls == []
+        torch.testing.assert_close(static, exact, rtol=1e-5, atol=1e-5)
+        assert h.stats.tokens_per_layer == exact_counts  # counted when read, from the device lengths
+        with _HostReads() as reads:  # the check above can fail: the exact layout reads the mask back
+            model(**inp)
+            h.static_layout = False
+            model(**inp)
+        assert reads.calls
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_static_layout_pads_ragged_prompts_with_masks(side):
+    """Samples of different lengths (padding) and several images per sample: static == exact, and
+    == each sample alone."""
+    model = tiny_llava(seed=0).eval()
+    prompts = [make_prompt(2, text=3, seed=1), make_prompt(2, text=9, seed=2)]
+    inp = make_batch(prompts, side)
+    inp["pixel_values"] = pixels(4, seed=3)
+    with vtoken.patch(model, "hiprune", keep=10) as h, torch.no_grad():
+        exact = model(**inp).logits
+        h.static_layout = True
+        static = model(**inp).logits
+        assert h.layout.static
+        for b, ids in enumerate(prompts):
+            alone = model(input_ids=torch.tensor([ids]), pixel_values=inp["pixel_values"][2 * b:2 * b + 2]).logits[0]
+            cols = inp["attention_mask"][b].bool()
+            torch.testing.assert_close(static[b, cols], alone, rtol=1e-4, atol=1e-4)
+    cols = inp["attention_mask"].bool()
+    torch.testing.assert_close(static[cols], exact[cols], rtol=1e-5, atol=1e-5)
+
+
+def test_static_layout_refuses_a_batch_with_unequal_image_counts():
+    model = tiny_llava(seed=0).eval()
+    inp = make_batch([make_prompt(2, seed=1), make_prompt(0, text=80, seed=2)])
+    inp["pixel_values"] = pixels(2)
+    with vtoken.patch(model, "random", keep=8) as h, torch.no_grad():
+        model(**inp)  # the exact layout handles it
+        h.static_layout = True
+        with pytest.raises(RuntimeError, match="every sample must hold 1 image"):
+            model(**inp)
+
+
+def test_compiled_equals_eager_with_inductor():
+    model, inp, _ = family_setup("llava")
+    model.eval()
+    with vtoken.patch(model, "random", keep=16) as h, torch.no_grad():
+        eager = model(**inp).logits
+        counts = h.stats.tokens_per_layer
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        for _ in range(2):  # the second call replays the compiled graphs
+            out = compiled(**inp).logits
+            torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+            assert h.stats.tokens_per_layer == counts
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["hiprune", "fastv", "visionzip"])
+def test_compiled_equals_eager(name):
+    """dynamo's graphs (aot_eager: traced and functionalised, not code-generated) give the eager result."""
+    model, inp, _ = family_setup("llava")
+    model.eval()
+    with vtoken.patch(model, name, **STATIC[name]) as h, torch.no_grad():
+        eager = model(**inp).logits
+        counts = h.stats.tokens_per_layer
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="aot_eager")(**inp).logits
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        assert h.stats.tokens_per_layer == counts
+    torch._dynamo.reset()
+
+
+def test_static_layout_switch_is_validated():
+    model = tiny_llava(seed=0)
+    with vtoken.patch(model, "random", keep=8) as h, pytest.raises(vtoken.ParameterError, match="static_layout"):
+        h.static_layout = "yes"
+
+
+def test_static_prefill_generate_equals_exact():
+    model, inp, sup = family_setup("llava")
+    model.eval()
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, suppress_tokens=sup)
+    with vtoken.patch(model, "fastv", keep=16) as h, torch.no_grad():
+        exact = model.generate(**inp, **kw)
+        flops = h.stats.flops
+        h.static_layout = True
+        static = model.generate(**inp, **kw)
+        assert torch.equal(static, exact)
+        assert h.stats.flops == flops
+
+
+
+def test_compiled_graphs_of_an_unpatched_twin_are_not_replayed_for_the_patched_model():
+    """torch.compile does not guard on module hooks by default, so the graphs traced for an unpatched
+    model of the same class (or for this model before the patch) would be replayed for the patched
+    one, without vtoken's hooks; vtoken turns the hook guards on when it patches."""
+    model, inp, _ = family_setup("llava")
+    model.eval()
+    twin = copy.deepcopy(model)
+    compiled, twin_c = torch.compile(model, backend="aot_eager"), torch.compile(twin, backend="aot_eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        plain = compiled(**inp).logits
+        for name, kw in (("random", {"keep": 8}), ("fastv", {"keep": 4})):
+            with vtoken.patch(model, name, **kw) as h:
+                assert torch.equal(twin_c(**inp).logits, plain)  # the twin is traced with the patch on
+                torch.testing.assert_close(compiled(**inp).logits, model(**inp).logits, rtol=1e-5, atol=1e-5)
+                assert h.stats.visual_tokens == [kw["keep"] if name == "random" else 36] * 2
+        assert torch.equal(compiled(**inp).logits, plain)
+    torch._dynamo.reset()
