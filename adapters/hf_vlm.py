@@ -188,10 +188,18 @@ class HFVisionLanguageAdapter(Adapter):
         """Tokens per image if every image has the same count (None if it varies)."""
         return None
 
-    def static_batch(self, inputs: dict[str, Any], batch: int) -> StaticBatch | None:
+    def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:
         """This call's image structure from shapes alone, for a graph-safe prefill (`hf/static.py`);
-        None where the family or the call cannot give it (the prefill then reads it from the mask)."""
+        None where the family or the call cannot give it (the prefill then reads it from the mask).
+        forced: the user set `static_layout = True` (else: automatic, while compiling)."""
         return None
+
+    def static_grids(self) -> list[tuple[int, int]]:
+        """A static prefill's token grid per image (default: the images' grids from `image_grids`)."""
+        return self.image_grids(self.call.inputs, self.call.images)
+
+    def static_asserts(self, inputs: dict[str, Any]) -> None:
+        """Device-side checks of a static prefill's promise beyond the placeholder runs (at the boundary)."""
 
     def static_ok(self) -> bool:
         """The patch's reducers all have fixed budgets (no content-adaptive counts, no exact VTU)."""
@@ -217,7 +225,7 @@ class HFVisionLanguageAdapter(Adapter):
     def image_spans(self) -> list[ImageSpan]:
         """Give each image of this prefill its token grid (after `prepare_vision`)."""
         call = self.call
-        grids = self.image_grids(call.inputs, call.images)
+        grids = self.static_grids() if call.static is not None else self.image_grids(call.inputs, call.images)
         if len(grids) != len(call.images):
             raise LayoutError(f"{len(call.images)} images in the prompt but {len(grids)} image grids")
         spans = []

@@ -78,7 +78,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             vision_tokens=h * w, prefix_tokens=1,
         )
 
-    def static_batch(self, inputs: dict[str, Any], batch: int) -> StaticBatch | None:
+    def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:
         if not self.static_ok():
             return None
         h, w = self.grid()

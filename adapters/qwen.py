@@ -27,6 +27,7 @@ from torch import nn
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf import compat
+from vtoken.adapters.hf.static import StaticBatch
 from vtoken.adapters.hf.vision_match import fingerprint, match_images
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
@@ -90,6 +91,32 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                 raise LayoutError(f"a run of {length} image tokens does not match image_grid_thw")
         return out
 
+    def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:
+        """Only when asked (`static_layout = True`: Qwen's images vary in size, which shapes cannot
+        tell): images of equal size (their token count from pixel_values' shape), no video, and reducers
+        that need neither the grid's rows and columns nor vision-tower signals; the grid itself is in
+        `image_grid_thw`, whose values only a host read gives (transformers reads it; vtoken does not)."""
+        if not forced or not self.static_ok() or inputs.get("pixel_values_videos") is not None:
+            return None
+        if any(r.grid_shape for r in self.runtime.reducers) or any(
+                r.kind.startswith("vision_") for r in self.runtime.signals):
+            return None
+        thw, pixels = inputs.get("image_grid_thw"), inputs.get("pixel_values")
+        if thw is None or pixels is None:
+            return None
+        count, unit = thw.shape[0], self.unit**2
+        if count == 0 or count % batch or pixels.shape[0] % (count * unit):
+            return None
+        return StaticBatch(count, count // batch, pixels.shape[0] // (count * unit))
+
+    def static_grids(self) -> list[tuple[int, int]]:
+        return [(1, self.call.static.tokens)] * self.call.static.count  # token counts only (see static_batch)
+
+    def static_asserts(self, inputs: dict[str, Any]) -> None:
+        thw = inputs["image_grid_thw"]
+        torch._assert_async((thw == thw[:1]).all(), "vtoken static (graph-safe) prefill: the images of a batch "
+                            "must have equal image_grid_thw; run this batch eagerly (static_layout = False)")
+
     def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
         thw = inputs.get("image_grid_thw")
         if thw is not None:
@@ -144,13 +171,15 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
             return
         if self._runs_used:  # a new prompt's encoding starts
             self.vision_runs, self._runs_used = [], False
-        self.vision_capture = {"grids": self._grids_from(thw), "thw": thw, "patches": pixels.shape[0]}
+        # a static prefill reads no grid here (it needs none; its FLOPs read them when counted)
+        grids = None if self.call.static is not None else self._grids_from(thw)
+        self.vision_capture = {"grids": grids, "thw": thw, "patches": pixels.shape[0]}
         self.vision_runs = [*self.vision_runs[-(MAX_RUNS - 1):], self.vision_capture]
-        self.vision_record = (len(self.vision_capture["grids"]), pixels.shape[0])
+        self.vision_record = (thw.shape[0], pixels.shape[0])
 
     def _vision_post(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         cap = self.vision_capture
-        if cap is None:
+        if cap is None or cap["grids"] is None:
             return
         sizes = [h * w for h, w in cap["grids"]]
         cap["tokens"] = list(torch.split(output.pooler_output, sizes))
@@ -276,7 +305,9 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
 
     def _run_flops(self, cap: dict[str, Any]) -> tuple[int, int]:
         visual = self.visual()
-        grids = cap.get("grids", [])
+        if cap.get("grids") is None and "thw" in cap:  # a static prefill's run: read when counted
+            cap["grids"] = self._grids_from(cap["thw"])
+        grids = cap.get("grids") or []
         cfg = self.model.config.vision_config
         blk = visual.blocks[0]
         d = blk.norm1.weight.shape[0]

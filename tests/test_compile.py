@@ -200,3 +200,63 @@ def test_compiled_graphs_of_an_unpatched_twin_are_not_replayed_for_the_patched_m
                 assert h.stats.visual_tokens == [kw["keep"] if name == "random" else 36] * 2
         assert torch.equal(compiled(**inp).logits, plain)
     torch._dynamo.reset()
+
+
+QWEN = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def _qwen(family: str, sizes=((8, 12), (8, 12))):
+    from vtoken.eval.tiny import qwen_inputs, tiny_qwen
+
+    return tiny_qwen(family).eval(), qwen_inputs([[s] for s in sizes], seed=1)
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("name", ["random", "fastv"])
+def test_patched_qwen_has_the_unpatched_graph_breaks(family, name):
+    """Qwen's images vary in size, so its static layout is asked for (`static_layout = True`); the
+    batch's images then share one size."""
+    model, inp = _qwen(family)
+    unpatched = _explain(model, inp)
+    with vtoken.patch(model, name, keep=8) as h:
+        h.static_layout = True
+        assert _explain(model, inp) == unpatched
+        h.static_layout = False  # the check can fail: the host-read layout breaks the graph
+        assert _explain(model, inp) > unpatched
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("name", ["random", "fastv", "divprune"])
+def test_static_qwen_prefill_reads_nothing_back_and_equals_the_exact_layout(family, name):
+    model, inp = _qwen(family)
+    with vtoken.patch(model, name, keep=8) as h, torch.no_grad():
+        exact = model(**inp).logits
+        counts, flops = h.stats.tokens_per_layer, h.stats.flops
+        h.static_layout = True
+        with _HostReads() as reads:
+            static = model(**inp).logits
+        assert reads.calls == []
+        assert h.layout.static
+        torch.testing.assert_close(static, exact, rtol=1e-5, atol=1e-5)
+        assert h.stats.tokens_per_layer == counts and h.stats.flops == flops
+
+
+def test_static_qwen_refuses_images_of_different_sizes():
+    model, inp = _qwen("qwen2_vl", sizes=((8, 12), (8, 8)))
+    with vtoken.patch(model, "random", keep=8) as h, torch.no_grad():
+        model(**inp)  # the exact layout handles it
+        h.static_layout = True
+        with pytest.raises(RuntimeError, match="vtoken static"):
+            model(**inp)
+
+
+def test_static_qwen_is_not_taken_for_grid_reducers():
+    """HiPrune reads each image's rows and columns, which only image_grid_thw's values give: the
+    static switch then keeps the host-read layout (documented), with the same result."""
+    model, inp = _qwen("qwen2_vl")
+    with vtoken.patch(model, "hiprune", keep=8) as h, torch.no_grad():
+        exact = model(**inp).logits
+        h.static_layout = True
+        assert torch.equal(model(**inp).logits, exact)
+        assert not h.layout.static

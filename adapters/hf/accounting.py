@@ -26,9 +26,10 @@ def record_prefill(adapter: HFVisionLanguageAdapter, lm_rows: int) -> None:
     st = adapter.runtime.stats
     call = adapter.call
     if adapter.vision_record is not None:
-        vis, proj = adapter.vision_flops()
-        st.add_flops("vision", vis)
-        st.add_flops("projector", proj)
+        if call.lengths is None and call.mode == "prefill":  # static: the tower's grids may be on the device
+            st.pending.append(("vision", None))
+        else:
+            _write_vision(adapter)
         adapter.vision_record = None
     if call.mode != "prefill":
         return
@@ -57,12 +58,20 @@ def resolve(adapter: HFVisionLanguageAdapter) -> None:
     st = adapter.runtime.stats
     pending, st.pending = st.pending, []
     for kind, rec in pending:
-        if kind == "prefill":
+        if kind == "vision":
+            _write_vision(adapter)
+        elif kind == "prefill":
             if isinstance(rec.lengths, torch.Tensor):
                 rec.lengths = rec.lengths.tolist()
             _write_prefill(adapter, rec)
         else:
             _write_decode(adapter, *rec)
+
+
+def _write_vision(adapter: HFVisionLanguageAdapter) -> None:
+    vis, proj = adapter.vision_flops()
+    adapter.runtime.stats.add_flops("vision", vis)
+    adapter.runtime.stats.add_flops("projector", proj)
 
 
 def _write_prefill(adapter: HFVisionLanguageAdapter, rec: _Prefill) -> None:

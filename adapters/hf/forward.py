@@ -55,7 +55,7 @@ def begin(adapter: HFVisionLanguageAdapter, module: nn.Module, args: tuple, kwar
         )
     # graph-safe: the images' structure from shapes; no tensor op here (the boundary locates them), so
     # a graph break inside transformers' forward leaves no vtoken graph before it
-    plan = adapter.static_batch(inputs, b) if rt.static_wanted() else None
+    plan = adapter.static_batch(inputs, b, rt.static_layout is True) if rt.static_wanted() else None
     if plan is not None:
         call.static = plan
         images = plan.images()

@@ -35,6 +35,7 @@ def boundary(adapter: HFVisionLanguageAdapter, args: tuple, kwargs: dict[str, An
         am = call.inputs.get("attention_mask")
         call.valid = am.bool() if am is not None else torch.ones(b, length, dtype=torch.bool, device=embeds.device)
         call.starts = call.static.locate(mask & call.valid)
+        adapter.static_asserts(call.inputs)
         call.right_align = call.valid[:, -1].all()
     call.len_t = call.valid.sum(1)
     if call.labels is not None:  # scoring: the first scored label starts the continuation, which must not

@@ -145,6 +145,7 @@ class Reducer:
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = False  # the kept count depends on the content (Selection.counts)
     full_grid: ClassVar[bool] = False  # reads each image's whole token grid: must be the first to reduce
+    grid_shape: ClassVar[bool] = False  # reads each image's rows and columns, not only its token count
     keeps_all: ClassVar[bool] = False  # never drops a token (composition checks ignore it)
     # the class's own `select` is tested to keep exactly the budget: the stage does not re-check it on
     # the host (a device read); subclasses that override `select` are checked again

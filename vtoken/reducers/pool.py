@@ -29,6 +29,7 @@ class Pool(Reducer):
     """
 
     counts_tested: ClassVar[bool] = True
+    grid_shape: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     full_grid: ClassVar[bool] = True
     keep: int | float | None = 64
