@@ -43,6 +43,17 @@ from vtoken.ledger import ImageSpan, Layout, per_sample
 from vtoken.reducers.base import ModelInfo, Signal, SignalRequest
 
 
+class InstanceAttr:
+    """Removal handle of an attribute vtoken set on one model instance (never on its class)."""
+
+    def __init__(self, owner: nn.Module, name: str, value: Any) -> None:
+        self.owner, self.name, self.value = owner, name, value
+
+    def remove(self) -> None:
+        if self.owner.__dict__.get(self.name) is self.value:
+            del self.owner.__dict__[self.name]
+
+
 class HFVisionLanguageAdapter(Adapter):
     """Base for transformers VLM adapters; subclasses describe the family's anatomy."""
 
@@ -160,6 +171,11 @@ class HFVisionLanguageAdapter(Adapter):
             self.handles.append(self.layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
         self.llm_signals.install(self.handles)
         self.install_vision()
+        # Why an instance attribute: generate() asks the model for `create_masks_for_generate` to build
+        # a static cache's 4-D mask in advance (no hook sees it), which vtoken could not re-slice.
+        if "create_masks_for_generate" not in self.model.__dict__:
+            self.model.create_masks_for_generate = compat.keep_2d_mask
+            self.handles.append(InstanceAttr(self.model, "create_masks_for_generate", compat.keep_2d_mask))
 
     def resolve_stats(self) -> None:
         accounting.resolve(self)

@@ -30,21 +30,11 @@ from torch import nn
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf import compat
 from vtoken.adapters.hf.vision_match import fingerprint, match_images
+from vtoken.adapters.hf_vlm import InstanceAttr
 from vtoken.adapters.llava import LlavaAdapter
 from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
 from vtoken.ledger import ImageSpan
 from vtoken.reducers.base import SignalRequest
-
-
-class _Unwrap:
-    """Removal handle restoring the wrapped instance method."""
-
-    def __init__(self, owner: nn.Module, name: str, wrapper: Any) -> None:
-        self.owner, self.name, self.wrapper = owner, name, wrapper
-
-    def remove(self) -> None:
-        if self.owner.__dict__.get(self.name) is self.wrapper:
-            del self.owner.__dict__[self.name]
 
 
 @register_adapter
@@ -79,7 +69,7 @@ class LlavaNextAdapter(LlavaAdapter):
             return out
 
         base.get_image_features = get_image_features
-        self.handles.append(_Unwrap(base, "get_image_features", get_image_features))
+        self.handles.append(InstanceAttr(base, "get_image_features", get_image_features))
 
     # --- layout of one image --------------------------------------------------------------------------
     def _layout(self, size: tuple[int, int]) -> dict[str, Any]:

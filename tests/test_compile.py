@@ -260,3 +260,49 @@ def test_static_qwen_is_not_taken_for_grid_reducers():
         h.static_layout = True
         assert torch.equal(model(**inp).logits, exact)
         assert not h.layout.static
+
+
+@pytest.mark.parametrize("name", ["random", "fastv"])
+def test_static_cache_generate_equals_the_dynamic_cache(name):
+    """generate(cache_implementation="static") would hand the model a prepared 4-D mask; while patched
+    the model keeps the 2-D one (an instance attribute, removed with the patch)."""
+    model, inp, sup = family_setup("llava")
+    model.eval()
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, suppress_tokens=sup)
+    with torch.no_grad():
+        unpatched = model.generate(**inp, cache_implementation="static", **kw)
+        with vtoken.patch(model, name, keep=16) as h:
+            assert "create_masks_for_generate" in model.__dict__
+            dynamic = model.generate(**inp, **kw)
+            for static_layout in (False, True):
+                h.static_layout = static_layout
+                assert torch.equal(model.generate(**inp, cache_implementation="static", **kw), dynamic)
+        assert "create_masks_for_generate" not in model.__dict__
+        assert torch.equal(model.generate(**inp, cache_implementation="static", **kw), unpatched)
+
+
+def test_compiled_forward_with_a_static_cache_generates_what_eager_does():
+    model, inp, sup = family_setup("llava")
+    model.eval()
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, suppress_tokens=sup, cache_implementation="static")
+    with vtoken.patch(model, "fastv", keep=16) as h, torch.no_grad():
+        eager = model.generate(**inp, **kw)
+        flops = h.stats.flops
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="aot_eager")  # transformers' documented pattern
+        try:
+            for _ in range(2):
+                assert torch.equal(model.generate(**inp, **kw), eager)
+                assert h.stats.flops == flops
+        finally:
+            del model.forward
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
+def test_static_cache_generate_equals_the_dynamic_cache_in_every_family(family):
+    model, inp, sup = family_setup(family)
+    model.eval()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=sup)
+    with vtoken.patch(model, "fastv", keep=8), torch.no_grad():
+        assert torch.equal(model.generate(**inp, cache_implementation="static", **kw), model.generate(**inp, **kw))

@@ -27,7 +27,7 @@ def record_prefill(adapter: HFVisionLanguageAdapter, lm_rows: int) -> None:
     call = adapter.call
     if adapter.vision_record is not None:
         if call.lengths is None and call.mode == "prefill":  # static: the tower's grids may be on the device
-            st.pending.append(("vision", None))
+            st.pending.append(("vision", adapter.vision_record))
         else:
             _write_vision(adapter)
         adapter.vision_record = None
@@ -58,8 +58,10 @@ def resolve(adapter: HFVisionLanguageAdapter) -> None:
     st = adapter.runtime.stats
     pending, st.pending = st.pending, []
     for kind, rec in pending:
-        if kind == "vision":
+        if kind == "vision":  # the tower run's record, as vision_flops reads it
+            adapter.vision_record, current = rec, adapter.vision_record
             _write_vision(adapter)
+            adapter.vision_record = current
         elif kind == "prefill":
             if isinstance(rec.lengths, torch.Tensor):
                 rec.lengths = rec.lengths.tolist()

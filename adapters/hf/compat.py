@@ -223,3 +223,17 @@ def unregister_attention(name: str) -> None:
     mapping = getattr(AttentionInterface, "_global_mapping", None)
     if isinstance(mapping, dict):
         mapping.pop(name, None)
+
+
+def seq_length(cache: Any, layer: int | None = None) -> int:
+    """Tokens a KV cache holds (in `layer`). A static cache keeps the count in a device tensor (read
+    back here: a host sync, paid in its cached steps only); a dynamic cache's is a shape."""
+    n = cache.get_seq_length() if layer is None else cache.get_seq_length(layer)
+    return int(n)
+
+
+def keep_2d_mask(config: Any, inputs_embeds: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+    """Stands in for the model's `create_masks_for_generate` while patched: generate() would build a 4-D
+    mask in advance for a static cache, but vtoken re-slices the 2-D padding mask for the reduced rows;
+    the language model then builds its own 4-D mask, as it does with a dynamic cache."""
+    return attention_mask

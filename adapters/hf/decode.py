@@ -79,7 +79,7 @@ def lm_kwargs(call: Call, cache: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             f"the KV cache was reduced for a batch of {st.batch} but this step has {b} rows; "
             "vtoken supports greedy/sampling/beam search, not batch-reshaping decoders"
         )
-    call.n_new = cache.get_seq_length(0) - st.cached_prompt_rows + q
+    call.n_new = compat.seq_length(cache, 0) - st.cached_prompt_rows + q
     am = kwargs.get("attention_mask")
     if am is not None:
         if am.dim() != 2 or am.shape[1] != st.orig_len + call.n_new:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vtoken.adapters.hf import accounting, decode
+from vtoken.adapters.hf import accounting, compat, decode
 from vtoken.adapters.hf.state import Call, DecodeState, attach, attached
 from vtoken.errors import LayoutError
 from vtoken.ledger import expand_to_original
@@ -25,7 +25,7 @@ def begin(adapter: HFVisionLanguageAdapter, module: nn.Module, args: tuple, kwar
     rd = inputs.get("return_dict")
     call.return_dict = bool(getattr(module.config, "return_dict", True) if rd is None else rd)
     cache = adapter.names.cache(inputs)
-    cache_len = cache.get_seq_length() if cache is not None else 0
+    cache_len = compat.seq_length(cache) if cache is not None else 0
     if cache_len > 0:
         state = attached(cache)
         if state is None:
