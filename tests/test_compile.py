@@ -121,15 +121,19 @@ def test_static_layout_pads_ragged_prompts_with_masks(side):
     torch.testing.assert_close(static[cols], exact[cols], rtol=1e-5, atol=1e-5)
 
 
+def _refused_when_static(model: torch.nn.Module, inp: dict, match: str) -> None:
+    """The exact layout handles the batch; the static one refuses it with a vtoken message."""
+    with vtoken.patch(model, "random", keep=8) as h, torch.no_grad():
+        model(**inp)
+        h.static_layout = True
+        with pytest.raises(RuntimeError, match=match):
+            model(**inp)
+
+
 def test_static_layout_refuses_a_batch_with_unequal_image_counts():
-    model = tiny_llava(seed=0).eval()
     inp = make_batch([make_prompt(2, seed=1), make_prompt(0, text=80, seed=2)])
     inp["pixel_values"] = pixels(2)
-    with vtoken.patch(model, "random", keep=8) as h, torch.no_grad():
-        model(**inp)  # the exact layout handles it
-        h.static_layout = True
-        with pytest.raises(RuntimeError, match="every sample must hold 1 image"):
-            model(**inp)
+    _refused_when_static(tiny_llava(seed=0).eval(), inp, "every sample must hold 1 image")
 
 
 def test_compiled_equals_eager_with_inductor():
@@ -243,12 +247,7 @@ def test_static_qwen_prefill_reads_nothing_back_and_equals_the_exact_layout(fami
 
 
 def test_static_qwen_refuses_images_of_different_sizes():
-    model, inp = _qwen("qwen2_vl", sizes=((8, 12), (8, 8)))
-    with vtoken.patch(model, "random", keep=8) as h, torch.no_grad():
-        model(**inp)  # the exact layout handles it
-        h.static_layout = True
-        with pytest.raises(RuntimeError, match="vtoken static"):
-            model(**inp)
+    _refused_when_static(*_qwen("qwen2_vl", sizes=((8, 12), (8, 8))), "vtoken static")
 
 
 def test_static_qwen_is_not_taken_for_grid_reducers():

@@ -94,11 +94,16 @@ def expand_logits(adapter: HFVisionLanguageAdapter, module: nn.Module, inputs: t
     call = adapter.call
     if call.mode != "prefill" or call.done or not isinstance(output, torch.Tensor) or output.dim() != 3:
         return None
-    final = call.layout
-    call.lm_rows = output.shape[0] * output.shape[1]
-    if call.segments and output.shape[1] == final.shape[1]:
-        return expand_to_original(output, final)
-    return None
+    call.lm_rows, output = _original_length(call, output)
+    return output
+
+
+def _original_length(call: Call, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(rows the output embedding computed, the logits re-expanded to the original length)."""
+    rows = logits.shape[0] * logits.shape[1]
+    if call.segments and logits.shape[1] == call.layout.shape[1]:
+        logits = expand_to_original(logits, call.layout)
+    return rows, logits
 
 
 def placeholder_runs(img: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -119,12 +124,10 @@ def end(adapter: HFVisionLanguageAdapter, module: nn.Module, args: tuple, kwargs
     if call.mode == "prefill":
         final = call.layout
         rt.last_layout, rt.last_spans = final, call.spans
-        logits = output.logits
         lm_rows = call.lm_rows
         if lm_rows is None:  # no output-embedding hook fired (a model without get_output_embeddings)
-            lm_rows = logits.shape[0] * logits.shape[1]
-            if call.segments and logits.shape[1] == final.shape[1]:
-                output.logits = logits = expand_to_original(logits, final)
+            lm_rows, output.logits = _original_length(call, output.logits)
+        logits = output.logits
         cache = adapter.names.output_cache_of(output)
         if cache is not None:
             exact = adapter.vtu is not None and adapter.vtu.mode == "exact"
