@@ -62,7 +62,9 @@ from vtoken.eval.train import (
 STAGES = ("vision", "llm", "joint")
 COLOR_NAMES = list(COLORS)
 HEADS = {"centres": 3, "shape": len(SHAPES), "color": len(COLORS), "char": len(CHARACTERS) + 1, "geom": 3,
-         "cover_shape": len(SHAPES) + 1, "cover_color": len(COLORS)}
+         "cover_shape": len(SHAPES) + 1, "cover_color": len(COLORS), "cover_char": len(CHARACTERS) + 1,
+         "cover_geom": 3}
+GEOM = ("geom", "cover_geom")  # regression heads: (x / size, y / size, log radius / log 40)
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -73,15 +75,18 @@ def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) 
 
     Centre targets: how many object centres fall in the patch (0, 1, 2+) and, for the largest such
     object, its shape, colour, character (last class: none) and (x / size, y / size, log radius / log 40).
-    Cover targets: the shape (last class: background) and colour of the object with the most pixels in
-    the patch (at least `min_pixels`). Targets that do not apply are -1 (ignored).
+    Cover targets: the shape (last class: background), colour, character (last class: none) and
+    geometry of the object with the most pixels in the patch (at least `min_pixels`), so every patch
+    of an object can tell where it is, how big it is and what it carries (position, size and text
+    questions compare or read whole objects). Targets that do not apply are -1 (ignored).
     """
     n = side * side
     cell = size / side
     out = {"centres": np.zeros(n, np.int64), "shape": np.full(n, -1, np.int64),
            "color": np.full(n, -1, np.int64), "char": np.full(n, -1, np.int64),
            "geom": np.zeros((n, 3), np.float32), "cover_shape": np.full(n, len(SHAPES), np.int64),
-           "cover_color": np.full(n, -1, np.int64)}
+           "cover_color": np.full(n, -1, np.int64), "cover_char": np.full(n, -1, np.int64),
+           "cover_geom": np.zeros((n, 3), np.float32)}
     best = np.zeros(n)
     owner = np.full((size, size), len(objs), np.int64)  # object index per pixel (len(objs): background)
     for j, o in enumerate(objs):
@@ -92,7 +97,7 @@ def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) 
             out["shape"][k] = SHAPES.index(o.shape)
             out["color"][k] = COLOR_NAMES.index(o.color)
             out["char"][k] = len(CHARACTERS) if o.char is None else CHARACTERS.index(o.char)
-            out["geom"][k] = (o.x / size, o.y / size, math.log(o.r) / math.log(40.0))
+            out["geom"][k] = _geom(o, size)
         x0, y0 = max(0, int(o.x - 1.3 * o.r) - 1), max(0, int(o.y - 1.3 * o.r) - 1)
         x1, y1 = min(size, int(o.x + 1.3 * o.r) + 2), min(size, int(o.y + 1.3 * o.r) + 2)
         owner[y0:y1, x0:x1][_mask(o, x0, y0, x1 - x0, y1 - y0)] = j
@@ -106,7 +111,13 @@ def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) 
                 o = objs[int(top[k])]
                 out["cover_shape"][k] = SHAPES.index(o.shape)
                 out["cover_color"][k] = COLOR_NAMES.index(o.color)
+                out["cover_char"][k] = len(CHARACTERS) if o.char is None else CHARACTERS.index(o.char)
+                out["cover_geom"][k] = _geom(o, size)
     return out
+
+
+def _geom(o: Any, size: int) -> tuple[float, float, float]:
+    return o.x / size, o.y / size, math.log(o.r) / math.log(40.0)
 
 
 def small_scene(seed: int, sid: int, max_objects: int, text_p: float = 0.5) -> tuple[np.ndarray, list]:
@@ -133,8 +144,8 @@ class Pool:
         self.next_id = len(self.ids) if next_id is None else next_id
         self.images = torch.empty((len(self.ids), SIZE, SIZE, 3), dtype=torch.uint8)
         self.objs: list[list] = [[] for _ in self.ids]
-        self.labels = {k: torch.empty((len(self.ids), side * side, *( (3,) if k == "geom" else ())),
-                                      dtype=torch.float32 if k == "geom" else torch.long) for k in HEADS}
+        self.labels = {k: torch.empty((len(self.ids), side * side, *((3,) if k in GEOM else ())),
+                                      dtype=torch.float32 if k in GEOM else torch.long) for k in HEADS}
         for slot, sid in enumerate(self.ids):
             self._fill(slot, sid)
 
@@ -232,8 +243,9 @@ class AuxHeads(nn.Module):
         for k, head in self.heads.items():
             pred = head(h)
             y = labels[k]
-            if k == "geom":
-                m = (labels["centres"] > 0).float()[..., None]
+            if k in GEOM:
+                m = (labels["centres"] > 0) if k == "geom" else (labels["cover_shape"] < len(SHAPES))
+                m = m.float()[..., None]
                 loss = loss + self.weights[k] * 10 * ((pred - y) ** 2 * m).sum() / m.sum().clamp(min=1) / 3
                 continue
             loss = loss + self.weights[k] * F.cross_entropy(pred.flatten(0, 1), y.flatten(), ignore_index=-1)
@@ -250,18 +262,19 @@ def word_ids(tok: Any) -> dict[str, torch.Tensor]:
 
 
 def token_aux_loss(logits: torch.Tensor, labels: dict[str, torch.Tensor],
-                   words: dict[str, torch.Tensor]) -> torch.Tensor:
+                   words: dict[str, torch.Tensor], char: str = "char") -> torch.Tensor:
     """Dense supervision of the visual tokens in the LLM's own vocabulary.
 
     `logits` (B, N, V) are the LLM's output logits at the N visual positions (the readout of the last
     hidden state, unused by the answer loss). Each patch covered by an object gets a target spread
-    evenly over the answer words of that object's colour and shape (cover labels) and, at the patch
-    of its centre, its character; background patches carry no target.
+    evenly over the answer words of that object's colour and shape (cover labels) and its character:
+    at the patch of its centre (`char="char"`) or on every patch it covers (`char="cover_char"`);
+    background patches carry no target.
     """
     b, n, v = logits.shape
     target = torch.zeros((b, n, v))
     rows = torch.arange(b * n)
-    for key, cls in (("cover_color", "color"), ("cover_shape", "shape"), ("char", "char")):
+    for key, cls in (("cover_color", "color"), ("cover_shape", "shape"), (char, "char")):
         y = labels[key].reshape(-1)
         ok = (y >= 0) & (y < len(words[cls]))
         target.view(-1, v)[rows[ok], words[cls][y[ok]]] += 1.0
@@ -380,7 +393,7 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
     model.load_state_dict(load_sharded(folder, "model"))
     model.eval()
     aux = AuxHeads(a["vision"][1])
-    aux.load_state_dict(load_sharded(folder, "aux"))
+    trained = _load_heads(aux, folder)
     side = SIZE // a["patch"]
     items = [sample("val", 10**5 + i, 0) for i in range(scenes)]
     images = torch.from_numpy(np.stack([s.image for s in items]))
@@ -389,9 +402,14 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
     feats = torch.cat([vision_features(model, pixels_llava(images[i:i + 50])) for i in range(0, scenes, 50)])
     h = aux.norm(feats.float())
     patch_probe = {}
-    for k in ("cover_color", "cover_shape", "color", "shape", "char"):
+    for k in ("cover_color", "cover_shape", "cover_char", "color", "shape", "char"):
+        if k not in trained:
+            continue
         y = labels[k]
-        m = (y < len(SHAPES)) if k == "cover_shape" else (y >= 0) & (y < len(CHARACTERS)) if k == "char" else y >= 0
+        if k == "cover_shape":
+            m = y < len(SHAPES)
+        else:
+            m = (y >= 0) & (y < len(CHARACTERS)) if k in ("char", "cover_char") else y >= 0
         pred = aux.heads[k](h).argmax(-1)
         patch_probe[k] = {"acc": round(float((pred[m] == y[m]).float().mean()), 3), "n": int(m.sum()),
                           "majority": round(float(torch.bincount(y[m]).max() / m.sum().clamp(min=1)), 3)}
@@ -441,7 +459,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         prefix = "model.vision_tower."
         tower = {k[len(prefix):]: v for k, v in load_sharded(Path(args.init), "model").items() if k.startswith(prefix)}
         model.model.vision_tower.load_state_dict(tower)
-        aux.load_state_dict(load_sharded(Path(args.init), "aux"))
+        _load_heads(aux, Path(args.init))
         print(f"vision tower and aux heads initialised from {args.init}", flush=True)
     t0 = time.time()
     pool = Pool(args.pool, args.seed, side, pool_ids, next_id)
@@ -532,7 +550,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 log["lm"] = loss.detach()
                 if args.token_aux:
                     vis = batch["input_ids"] == model.config.image_token_id
-                    tok_loss = token_aux_loss(out_.logits[vis].view(batch_size, tokens, -1), labels, words)
+                    tok_loss = token_aux_loss(out_.logits[vis].view(batch_size, tokens, -1), labels, words,
+                                              args.token_char)
                     log["tok"] = tok_loss.detach()
                     loss = loss + args.token_aux * tok_loss
                 if hook is not None:
@@ -579,6 +598,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                                   "val_questions": args.eval})
     print(json.dumps(result), flush=True)
     return result
+
+
+def _load_heads(aux: AuxHeads, folder: Path) -> set[str]:
+    """Load the aux heads a checkpoint has (an older recipe may lack some: those keep their fresh
+    initialisation); returns the names of the heads loaded."""
+    found = load_sharded(folder, "aux")
+    missing, unexpected = aux.load_state_dict(found, strict=False)
+    if unexpected:
+        raise RuntimeError(f"{folder}: aux weights {unexpected[:3]} match no head of this recipe")
+    if missing:
+        print(f"{folder}: no weights for {sorted({k.split('.')[1] for k in missing})} (fresh heads)", flush=True)
+    return {k.split(".")[1] for k in found if k.startswith("heads.")}
 
 
 def _capture(store: dict[str, torch.Tensor]) -> Any:
@@ -635,14 +666,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--refresh", type=int, default=8, help="pool slots replaced by new scenes per step")
     ap.add_argument("--curriculum", type=int, default=3,
                     help="llm stage: the first --curriculum-steps steps use scenes of 1..this many objects (0: off)")
-    ap.add_argument("--curriculum-steps", type=int, default=800)
+    ap.add_argument("--curriculum-steps", type=int, default=600)
     ap.add_argument("--small-pool", type=int, default=1500, help="curriculum scenes held in memory")
     ap.add_argument("--small-refresh", type=int, default=4, help="curriculum pool slots replaced per step")
     ap.add_argument("--token-aux", type=float, default=1.0,
                     help="weight of the per-patch answer-word loss on the LLM's visual-token logits (0: off)")
-    ap.add_argument("--vision-steps", type=int, default=3000)
-    ap.add_argument("--llm-steps", type=int, default=2000)
-    ap.add_argument("--joint-steps", type=int, default=6000)
+    ap.add_argument("--token-char", choices=("cover_char", "char"), default="cover_char",
+                    help="token aux: the character word on every patch of an object (cover_char) or at its centre")
+    ap.add_argument("--vision-steps", type=int, default=2000)
+    ap.add_argument("--llm-steps", type=int, default=1000)
+    ap.add_argument("--joint-steps", type=int, default=5500)
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--qa", type=int, default=12, help="question turns per image and sequence")
@@ -654,7 +687,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--decay", type=float, default=0.2, help="final fraction of each stage with linear decay")
     ap.add_argument("--aux-weight", type=float, default=0.5)
-    ap.add_argument("--aux-weights", type=_weights, default="shape=2,cover_shape=2,char=3",
+    ap.add_argument("--aux-weights", type=_weights, default="shape=2,cover_shape=2,char=3,cover_char=2",
                     help="per-head weights of the tower's aux loss, e.g. shape=3,char=3 (others: 1)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--eval", type=int, default=420, help="validation questions per curve point (0: none)")

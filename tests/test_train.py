@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,11 @@ def test_patch_labels_mark_each_object_centre():
     assert lab["shape"][12] == 3 and lab["color"][12] == 0  # the star, red, patch (row 1, col 0)
     assert lab["char"][10 * 12 + 10] == 29  # the circle has no character: the extra class
     assert (lab["shape"] >= 0).sum() == 3
+    covered = lab["cover_shape"] < 6
+    star = covered & (lab["cover_color"] == 0)  # red: only the star
+    assert star.sum() >= 2 and (lab["cover_char"][star] == 15).all()  # "K" on every patch the star covers
+    assert (lab["cover_char"][covered & ~star] == 29).all() and (lab["cover_char"][~covered] == -1).all()
+    assert np.allclose(lab["cover_geom"][star], (20 / 336, 30 / 336, math.log(10) / math.log(40)))
 
 
 def test_token_aux_targets_are_the_patch_words():
@@ -114,6 +120,8 @@ def test_token_aux_targets_are_the_patch_words():
     no_char = {**lab, "char": torch.full_like(lab["char"], -1)}
     loss = token_aux_loss(logits, no_char, words).item()
     assert abs(loss - math.log(2)) < 1e-4  # covered patches: half "red", half "star"
+    logits[0][:, tok.convert_tokens_to_ids("k")] = 0.0  # cover_char: "K" on every covered patch as well
+    assert abs(token_aux_loss(logits, lab, words, "cover_char").item() - math.log(3)) < 1e-4
 
 
 def test_curriculum_and_token_aux_resume_bit_identically(tmp_path):
