@@ -195,6 +195,7 @@ class HFVisionLanguageAdapter(Adapter):
         for layer, reducers in self.runtime.points():
             for r in reducers:
                 if r.adaptive:
+                    n = r.static_count() or n
                     continue
                 n = r.budget(n, layer, entry)  # raises BudgetError if an int keep exceeds n
             if layer is None:
@@ -218,8 +219,10 @@ class HFVisionLanguageAdapter(Adapter):
         """Device-side checks of a static prefill's promise beyond the placeholder runs (at the boundary)."""
 
     def static_ok(self) -> bool:
-        """The patch's reducers all have fixed budgets (no content-adaptive counts, no exact VTU)."""
-        return not any(r.adaptive for r in self.runtime.reducers) and not self.runtime.encoder
+        """The patch's reducers all have counts fixed by the configuration (content-adaptive ones only
+        where it fixes them anyway: merged groups after ToMe / PiToMe), and no VTU."""
+        return (all(not r.adaptive or r.static_count() is not None for r in self.runtime.reducers)
+                and not any(r.vtu for r in self.runtime.encoder))
 
     # --- top-level call ----------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -97,8 +97,8 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return StaticBatch(count, count // batch, h * w)
 
     def static_image_tokens(self) -> int | None:
-        if self.runtime.encoder:
-            return None  # encoder merging decides the count per image
+        if any(r.adaptive and r.static_count() is None for r in self.runtime.reducers):
+            return None  # DyMU decides the count per image
         h, w = self.grid()
         return h * w
 

@@ -216,6 +216,11 @@ class Reducer:
         """The reducers this one installs as (a method acting in several stages returns one per stage)."""
         return [self]
 
+    def static_count(self) -> int | None:
+        """An adaptive reducer's kept count per image when the model's configuration alone fixes it
+        (`MergedGroups` after a fixed encoder schedule), else None: the content decides."""
+        return None
+
     def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
         """Tokens to keep for an image that has `n` tokens when it reaches this reducer (at `layer`);
         `entry` is how many it had when entering the LLM (schedules relative to that use it); `share`

@@ -75,7 +75,23 @@ class EncoderMerge(Reducer):
 
     def parts(self) -> list[Reducer]:
         """In a VLM, the merged groups then reach the LLM one token each (`MergedGroups`, boundary)."""
-        return [self, MergedGroups()] if self._into_llm else [self]
+        if not self._into_llm:
+            return [self]
+        return [self, MergedGroups(fixed=self.output_tokens(), patches=self._tokens)]
+
+    def output_tokens(self) -> int | None:
+        """Patch tokens leaving the tower per image when the schedule alone fixes them (every merger but
+        a content-adaptive one: DyMU), found by planning each layer on a placeholder metric (a plan's
+        counts are host ints computed from the counts entering it, never from the metric's values)."""
+        if self.adaptive:
+            return None
+        counts = [self._tokens + self._prefix]
+        for layer in range(self._layers):
+            metric = torch.arange(counts[0] * 8, dtype=torch.float32).sin().view(1, counts[0], 8)
+            plan = self.plan(layer, metric, counts)
+            if plan is not None:
+                counts = list(plan.counts)
+        return counts[0] - self._prefix
 
     def _solve(self) -> None:
         """Resolve what depends on the number of tokens entering the tower (`_tokens`)."""
@@ -111,7 +127,8 @@ class MergedGroups(Reducer):
     """Internal boundary step after encoder merging: each merged group reaches the LLM as one token,
     its representative (the group's first, i.e. smallest, raster position) with the group's size.
     An encoder merger in a VLM adds it (`EncoderMerge.parts`); it runs first at the boundary. The
-    count depends on the image."""
+    count depends on the image unless the merger's schedule fixes it (`fixed` groups of an image of
+    `patches` tokens: ToMe / PiToMe), which keeps the count a host int (graph-safe prefills)."""
 
     counts_tested: ClassVar[bool] = True
     order: ClassVar[int] = -1
@@ -119,6 +136,11 @@ class MergedGroups(Reducer):
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = True
     keep: int | float | None = 1.0
+    fixed: int | None = None
+    patches: int = 0
+
+    def static_count(self) -> int | None:
+        return self.fixed
 
     def signals(self):
         from vtoken.reducers.base import SignalRequest
@@ -129,4 +151,8 @@ class MergedGroups(Reducer):
         group = x.signal(self.signals()[0]).long()  # (n_img, N) merged token of each raster position
         rep, size = representatives(group, x.valid, x.positions)
         keep = x.valid & (rep == x.positions)
-        return Selection(keep=keep, sizes=size.to(x.sizes.dtype), counts=keep.sum(1).tolist())
+        if self.fixed is not None and all(c == self.patches for c in x.counts):
+            counts = [self.fixed] * len(x.counts)  # whole tower images (checked on the device by the stage)
+        else:  # LLaVA-NeXT's unpadded crops, DyMU: read back
+            counts = keep.sum(1).tolist()
+        return Selection(keep=keep, sizes=size.to(x.sizes.dtype), counts=counts)
