@@ -309,3 +309,18 @@ def test_static_cache_generate_equals_the_dynamic_cache_in_every_family(family):
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=sup)
     with vtoken.patch(model, "fastv", keep=8), torch.no_grad():
         assert torch.equal(model.generate(**inp, cache_implementation="static", **kw), model.generate(**inp, **kw))
+
+
+@pytest.mark.parametrize(("name", "kw"), [("tome", {"r": 3}), ("tome", {"r": 40}), ("tome", {"r": [0, 7, 2]}),
+                                          ("tome", {"keep": 10}), ("pitome", {"keep": 12}), ("pitome", {"keep": 0.5})])
+def test_merged_group_count_fixed_by_the_schedule_is_the_counted_one(name, kw):
+    """The static layout takes each image's merged-group count from the schedule (`output_tokens`,
+    planned on a placeholder metric); it must be what merging the real images leaves, clamps included
+    (r=40 asks more merges than half the tokens)."""
+    model, inp, _ = family_setup("llava")
+    with vtoken.patch(model.eval(), name, **kw) as h, torch.no_grad():
+        (groups,) = [r for r in h.runtime.reducers if r.internal]
+        model(**inp)  # the exact layout counts the groups from the merged tower
+        assert groups.fixed is not None and h.stats.visual_tokens == [groups.fixed] * 2
+    with vtoken.patch(model, "dymu", thresholds=[0.5] * 8) as h:
+        assert next(r for r in h.runtime.reducers if r.internal).fixed is None  # content-adaptive
