@@ -11,6 +11,7 @@ merged group then reaches the LLM as one token (`MergedGroups`, at the boundary)
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -85,10 +86,11 @@ class EncoderMerge(Reducer):
         counts are host ints computed from the counts entering it, never from the metric's values)."""
         if self.adaptive:
             return None
+        probe = copy.deepcopy(self)  # planning may record state (DyMU's calibration sums): not on this one
         counts = [self._tokens + self._prefix]
         for layer in range(self._layers):
             metric = torch.arange(counts[0] * 8, dtype=torch.float32).sin().view(1, counts[0], 8)
-            plan = self.plan(layer, metric, counts)
+            plan = probe.plan(layer, metric, counts)
             if plan is not None:
                 counts = list(plan.counts)
         return counts[0] - self._prefix
