@@ -195,7 +195,8 @@ class HFVisionLanguageAdapter(Adapter):
         for layer, reducers in self.runtime.points():
             for r in reducers:
                 if r.adaptive:
-                    n = r.static_count() or n
+                    fixed = r.static_count()
+                    n = n if fixed is None else fixed
                     continue
                 n = r.budget(n, layer, entry)  # raises BudgetError if an int keep exceeds n
             if layer is None:
@@ -218,11 +219,14 @@ class HFVisionLanguageAdapter(Adapter):
     def static_asserts(self, inputs: dict[str, Any]) -> None:
         """Device-side checks of a static prefill's promise beyond the placeholder runs (at the boundary)."""
 
+    def counts_fixed(self) -> bool:
+        """Every reducer's count per image is fixed by the configuration (content-adaptive ones only
+        where it fixes them anyway: merged groups after ToMe / PiToMe)."""
+        return all(not r.adaptive or r.static_count() is not None for r in self.runtime.reducers)
+
     def static_ok(self) -> bool:
-        """The patch's reducers all have counts fixed by the configuration (content-adaptive ones only
-        where it fixes them anyway: merged groups after ToMe / PiToMe), and no VTU."""
-        return (all(not r.adaptive or r.static_count() is not None for r in self.runtime.reducers)
-                and not any(r.vtu for r in self.runtime.encoder))
+        """Counts fixed by the configuration (`counts_fixed`) and no VTU."""
+        return self.counts_fixed() and not any(r.vtu for r in self.runtime.encoder)
 
     # --- top-level call ----------------------------------------------------------------------------
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return StaticBatch(count, count // batch, h * w)
 
     def static_image_tokens(self) -> int | None:
-        if any(r.adaptive and r.static_count() is None for r in self.runtime.reducers):
+        if not self.counts_fixed():
             return None  # DyMU decides the count per image
         h, w = self.grid()
         return h * w
