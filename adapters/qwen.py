@@ -30,7 +30,7 @@ from vtoken.adapters.hf import compat
 from vtoken.adapters.hf.static import StaticBatch
 from vtoken.adapters.hf.vision_match import fingerprint, match_images
 from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
-from vtoken.errors import LayoutError, SignalError, UnsupportedModelError
+from vtoken.errors import LayoutError, ParameterError, SignalError, UnsupportedModelError
 from vtoken.flops import TransformerSpec, linear_flops, stack_flops
 from vtoken.ops.attention import received_attention, received_attention_flops
 from vtoken.reducers.base import ModelInfo, SignalRequest
@@ -92,14 +92,13 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         return out
 
     def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:
-        """Only when asked (`static_layout = True`: Qwen's images vary in size, which shapes cannot
-        tell): images of equal size (their token count from pixel_values' shape), no video, and reducers
-        that need neither the grid's rows and columns nor vision-tower signals; the grid itself is in
-        `image_grid_thw`, whose values only a host read gives (transformers reads it; vtoken does not)."""
-        if not forced or not self.static_ok() or inputs.get("pixel_values_videos") is not None:
-            return None
-        if any(r.grid_shape for r in self.runtime.reducers) or any(
-                r.kind.startswith("vision_") for r in self.runtime.signals):
+        """Only when asked (`static_layout = True`, or a declared `static_grid`: Qwen's images vary in
+        size, which shapes cannot tell): images of equal size (their token count from pixel_values'
+        shape) and no video. The grid's rows and columns are in `image_grid_thw`, whose values only a
+        host read gives (transformers reads them; vtoken does not): reducers that need them (pool,
+        HiPrune, VisionZip) and vision-tower signals need the grid declared (`Patch.static_grid`)."""
+        grid = self.runtime.static_grid
+        if (not forced and grid is None) or not self.static_ok() or inputs.get("pixel_values_videos") is not None:
             return None
         thw, pixels = inputs.get("image_grid_thw"), inputs.get("pixel_values")
         if thw is None or pixels is None:
@@ -107,13 +106,49 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         count, unit = thw.shape[0], self.unit**2
         if count == 0 or count % batch or pixels.shape[0] % (count * unit):
             return None
-        return StaticBatch(count, count // batch, pixels.shape[0] // (count * unit))
+        tokens = pixels.shape[0] // (count * unit)
+        if grid is None:
+            needs = [r.name for r in self.runtime.reducers if r.grid_shape and not r.internal]
+            if any(r.kind.startswith("vision_") for r in self.runtime.signals):
+                needs.append("vision-tower signals")
+            if needs:
+                raise ParameterError(
+                    f"static_layout = True: {', '.join(sorted(set(needs)))} need each image's rows and columns, "
+                    f"which {self.family} keeps in image_grid_thw's values (a host read). Declare them with "
+                    f"vtoken.patched(model).static_grid = (rows, cols) (LLM tokens: image_grid_thw's h and w "
+                    f"divided by {self.unit}), or set static_layout = False")
+        elif grid[0] * grid[1] != tokens:
+            raise ParameterError(
+                f"static_grid = {grid} gives {grid[0] * grid[1]} LLM tokens per image, but this batch's images "
+                f"have {tokens} each (pixel_values' shape); declare their grid, or set static_grid = None")
+        return StaticBatch(count, count // batch, tokens)
+
+    def declare_static_grid(self, grid: tuple[int, int] | None) -> None:
+        """Plan a declared grid's tower order once, outside any trace: Qwen2.5-VL's window permutation
+        (transformers computes it from image_grid_thw's values on the host) is the same for every
+        image of that grid."""
+        self._static_plan = None
+        if grid is None:
+            return
+        m = self.unit
+        thw = torch.tensor([[1, grid[0] * m, grid[1] * m]])
+        cap = {"grids": [grid], "thw": thw}
+        self._static_plan = {"order": self._unit_order(cap)[0], "windows": self._window_lengths(cap)}
 
     def static_grids(self) -> list[tuple[int, int]]:
-        return [(1, self.call.static.tokens)] * self.call.static.count  # token counts only (see static_batch)
+        grid = self.runtime.static_grid or (1, self.call.static.tokens)  # undeclared: token counts only
+        return [grid] * self.call.static.count
 
     def static_asserts(self, inputs: dict[str, Any]) -> None:
         thw = inputs["image_grid_thw"]
+        grid = self.runtime.static_grid
+        if grid is not None:
+            want = torch.tensor([1, grid[0] * self.unit, grid[1] * self.unit], device=thw.device, dtype=thw.dtype)
+            torch._assert_async((thw == want).all(), f"vtoken static (graph-safe) prefill: every image must have "
+                                f"the declared static_grid {grid} (image_grid_thw [1, {grid[0] * self.unit}, "
+                                f"{grid[1] * self.unit}]); declare this "
+                                "batch's grid or run it eagerly (static_layout = False, static_grid = None)")
+            return
         torch._assert_async((thw == thw[:1]).all(), "vtoken static (graph-safe) prefill: the images of a batch "
                             "must have equal image_grid_thw; run this batch eagerly (static_layout = False)")
 
@@ -146,6 +181,9 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         self._window_index = compat.vision_window_index() if self.family == "qwen2_5_vl" else None
         # Every tower run since the last prefill that used them: generate() encodes a prompt's images
         # and its videos in separate runs before the prefill (and not again in later uncached steps).
+        self._static_plan: dict[str, Any] | None = None  # the declared static_grid's tower order
+        if self.runtime.static_grid is not None:
+            self.declare_static_grid(self.runtime.static_grid)
         self.vision_runs: list[dict[str, Any]] = []
         self._runs_used = False
         self.vision_capture: dict[str, Any] | None = None  # the run in progress (its hooks write here)
@@ -171,16 +209,22 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
             return
         if self._runs_used:  # a new prompt's encoding starts
             self.vision_runs, self._runs_used = [], False
-        # a static prefill reads no grid here (it needs none; its FLOPs read them when counted)
-        grids = None if self.call.static is not None else self._grids_from(thw)
-        self.vision_capture = {"grids": grids, "thw": thw, "patches": pixels.shape[0]}
+        # a static prefill reads no grid here: it has the declared one, or needs none (its FLOPs then
+        # read the grids when counted)
+        static = self.call.static is not None
+        if static:
+            grid = self.runtime.static_grid
+            grids = None if grid is None else [grid] * thw.shape[0]
+        else:
+            grids = self._grids_from(thw)
+        self.vision_capture = {"grids": grids, "thw": thw, "patches": pixels.shape[0], "static": static}
         self.vision_runs = [*self.vision_runs[-(MAX_RUNS - 1):], self.vision_capture]
         self.vision_record = (thw.shape[0], pixels.shape[0])
 
     def _vision_post(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         cap = self.vision_capture
-        if cap is None or cap["grids"] is None:
-            return
+        if cap is None or cap["grids"] is None or cap["static"]:
+            return  # a static prefill takes its images in order: no per-image features to match
         sizes = [h * w for h, w in cap["grids"]]
         cap["tokens"] = list(torch.split(output.pooler_output, sizes))
 
@@ -209,6 +253,15 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         if not needs and self.call.inputs.get("image_grid_thw") is not None:
             self._runs_used = True
             return
+        last = self.vision_runs[-1] if self.vision_runs else None
+        if self.call.static is not None:  # static prefill: the images are the last tower run's, in order
+            if last is None or not last["static"] or last["thw"].shape[0] != len(self.call.images):
+                raise SignalError(
+                    "a static (graph-safe) prefill reads vision signals from the tower run of the same call, in "
+                    "order; pass pixel_values with image_grid_thw to the call, or set static_layout = False")
+            self._vision_rows = [(len(self.vision_runs) - 1, i) for i in range(len(self.call.images))]
+            self._runs_used = True
+            return
         runs = [cap for cap in self.vision_runs if "tokens" in cap]
         if not runs:
             raise SignalError("the vision tower did not run on these images while patched; pass pixel_values "
@@ -222,6 +275,8 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
 
     def _unit_order(self, cap: dict[str, Any]) -> list[torch.Tensor]:
         """Per image of a tower run, the raster index of each merge unit in the tower's sequence order."""
+        if cap.get("static") and self._static_plan is not None:
+            return [self._static_plan["order"]] * len(cap["grids"])
         sizes = [h * w for h, w in cap["grids"]]
         if self.family == "qwen2_vl":
             return [torch.arange(n) for n in sizes]
@@ -238,6 +293,8 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         """Qwen2.5-VL: per image of a tower run, the lengths (patches) of its attention windows; else None."""
         if self.family != "qwen2_5_vl" or "thw" not in cap:
             return None
+        if cap.get("static") and self._static_plan is not None:
+            return self._static_plan["windows"] * len(cap["grids"])
         visual = self.visual()
         _, cu = self._window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
                                         window_size=visual.window_size, patch_size=visual.patch_size)

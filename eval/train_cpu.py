@@ -65,6 +65,7 @@ HEADS = {"centres": 3, "shape": len(SHAPES), "color": len(COLORS), "char": len(C
          "cover_shape": len(SHAPES) + 1, "cover_color": len(COLORS), "cover_char": len(CHARACTERS) + 1,
          "cover_geom": 3}
 GEOM = ("geom", "cover_geom")  # regression heads: (x / size, y / size, log radius / log 40)
+POSITION_WORDS = ("left", "right", "above", "below")  # the position category's answers
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -258,18 +259,21 @@ def word_ids(tok: Any) -> dict[str, torch.Tensor]:
     """Token id of each colour, shape and character class's answer word (heads' class order)."""
     return {"color": torch.tensor([tok.convert_tokens_to_ids(c) for c in COLOR_NAMES]),
             "shape": torch.tensor([tok.convert_tokens_to_ids(s) for s in SHAPES]),
-            "char": torch.tensor([tok.convert_tokens_to_ids(c.lower()) for c in CHARACTERS])}
+            "char": torch.tensor([tok.convert_tokens_to_ids(c.lower()) for c in CHARACTERS]),
+            "pos": torch.tensor([tok.convert_tokens_to_ids(w) for w in POSITION_WORDS])}
 
 
 def token_aux_loss(logits: torch.Tensor, labels: dict[str, torch.Tensor],
-                   words: dict[str, torch.Tensor], char: str = "char") -> torch.Tensor:
+                   words: dict[str, torch.Tensor], char: str = "char", position: bool = False) -> torch.Tensor:
     """Dense supervision of the visual tokens in the LLM's own vocabulary.
 
     `logits` (B, N, V) are the LLM's output logits at the N visual positions (the readout of the last
     hidden state, unused by the answer loss). Each patch covered by an object gets a target spread
     evenly over the answer words of that object's colour and shape (cover labels) and its character:
     at the patch of its centre (`char="char"`) or on every patch it covers (`char="cover_char"`);
-    background patches carry no target.
+    background patches carry no target. `position`: each covered patch also names where its object
+    lies in the image, left / right of the centre line and above / below it (the position category's
+    answer words, so the LLM's residual stream at an object carries its place in its own vocabulary).
     """
     b, n, v = logits.shape
     target = torch.zeros((b, n, v))
@@ -278,6 +282,12 @@ def token_aux_loss(logits: torch.Tensor, labels: dict[str, torch.Tensor],
         y = labels[key].reshape(-1)
         ok = (y >= 0) & (y < len(words[cls]))
         target.view(-1, v)[rows[ok], words[cls][y[ok]]] += 1.0
+    if position:
+        covered = (labels["cover_shape"] < len(SHAPES)).reshape(-1)
+        geom = labels["cover_geom"].reshape(-1, 3)
+        for axis in (0, 1):  # x: left / right, y: above / below
+            word = words["pos"][2 * axis + (geom[:, axis] >= 0.5).long()]
+            target.view(-1, v)[rows[covered], word[covered]] += 1.0
     mass = target.sum(-1, keepdim=True)
     valid = mass[..., 0] > 0
     if not valid.any():
@@ -353,12 +363,19 @@ def checkpoint_folder(folder: Path) -> Path | None:
 
 def load_checkpoint(folder: Path, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
                     rng: np.random.Generator) -> dict[str, Any]:
+    """Resume from `folder`. A checkpoint of an older recipe may lack aux heads added since: they start
+    fresh (with no optimiser state), which is exact because the aux parameters come last in the
+    optimiser and new heads are appended to `HEADS`."""
     model.load_state_dict(load_sharded(folder, "model"))
-    aux.load_state_dict(load_sharded(folder, "aux"))
+    _load_heads(aux, folder)
     state = json.loads((folder / "state.json").read_text())
     rng.bit_generator.state = state.pop("rng")
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
-    load_optimizer(opt, load_sharded(folder, "optim"), state.pop("optimizer"))
+    meta = state.pop("optimizer")
+    total = sum(len(g["params"]) for g in opt.param_groups)
+    for group in meta["param_groups"]:
+        group["params"] = list(range(total))  # one group over every parameter (train builds it so)
+    load_optimizer(opt, load_sharded(folder, "optim"), meta)
     return state
 
 
@@ -551,7 +568,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if args.token_aux:
                     vis = batch["input_ids"] == model.config.image_token_id
                     tok_loss = token_aux_loss(out_.logits[vis].view(batch_size, tokens, -1), labels, words,
-                                              args.token_char)
+                                              args.token_char, args.token_pos)
                     log["tok"] = tok_loss.detach()
                     loss = loss + args.token_aux * tok_loss
                 if hook is not None:
@@ -673,6 +690,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="weight of the per-patch answer-word loss on the LLM's visual-token logits (0: off)")
     ap.add_argument("--token-char", choices=("cover_char", "char"), default="cover_char",
                     help="token aux: the character word on every patch of an object (cover_char) or at its centre")
+    ap.add_argument("--token-pos", action=argparse.BooleanOptionalAction, default=False,
+                    help="token aux: every covered patch also names its object's side (left/right, above/below)")
     ap.add_argument("--vision-steps", type=int, default=2000)
     ap.add_argument("--llm-steps", type=int, default=1000)
     ap.add_argument("--joint-steps", type=int, default=5500)

@@ -254,15 +254,63 @@ def test_static_qwen_refuses_images_of_different_sizes():
     _refused_when_static(*_qwen("qwen2_vl", sizes=((8, 12), (8, 8))), "vtoken static")
 
 
-def test_static_qwen_is_not_taken_for_grid_reducers():
-    """HiPrune reads each image's rows and columns, which only image_grid_thw's values give: the
-    static switch then keeps the host-read layout (documented), with the same result."""
+def test_static_qwen_grid_reducers_need_the_grid_declared():
+    """HiPrune reads each image's rows and columns, which only image_grid_thw's values give: a forced
+    static layout without a declared grid is refused (not silently laid out by host reads), and a
+    declared grid that does not fit the batch is refused before anything runs."""
     model, inp = _qwen("qwen2_vl")
     with vtoken.patch(model, "hiprune", keep=8) as h, torch.no_grad():
-        exact = model(**inp).logits
         h.static_layout = True
-        assert torch.equal(model(**inp).logits, exact)
-        assert not h.layout.static
+        with pytest.raises(vtoken.ParameterError, match=r"static_grid = \(rows, cols\)"):
+            model(**inp)
+        h.static_grid = (6, 6)
+        with pytest.raises(vtoken.ParameterError, match="gives 36 LLM tokens per image"):
+            model(**inp)
+        for bad in ((4,), (0, 6), (4.0, 6), "4x6"):
+            with pytest.raises(vtoken.ParameterError, match="static_grid must be"):
+                h.static_grid = bad
+    with vtoken.patch(tiny_llava(seed=0), "random", keep=8) as h, pytest.raises(vtoken.ParameterError,
+                                                                                   match="leave it None"):
+        h.static_grid = (24, 24)
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("name", ["pool", "hiprune", "visionzip"])
+def test_static_qwen_with_a_declared_grid_reads_nothing_back(family, name):
+    """Grid reducers and vision-tower signals (HiPrune, VisionZip) with `static_grid` declared: no host
+    read, the exact layout's logits, token counts and FLOPs (Qwen2.5-VL's window order planned once)."""
+    model, inp = _qwen(family)
+    with vtoken.patch(model, name, keep=8) as h, torch.no_grad():
+        exact = model(**inp).logits
+        counts, flops = h.stats.tokens_per_layer, h.stats.flops
+        h.static_layout, h.static_grid = True, (4, 6)  # image_grid_thw (1, 8, 12): 4 x 6 LLM tokens
+        with _HostReads() as reads:
+            static = model(**inp).logits
+        assert reads.calls == []
+        assert h.layout.static
+        assert torch.equal(static, exact)
+        assert h.stats.tokens_per_layer == counts and h.stats.flops == flops
+
+
+@pytest.mark.parametrize(("family", "name"), [("qwen2_vl", "pool"), ("qwen2_5_vl", "pool"), ("qwen2_5_vl", "hiprune")])
+def test_static_qwen_with_a_declared_grid_has_the_unpatched_graph_breaks(family, name):
+    """The reducers that compile whole on Qwen with a declared grid (HiPrune on Qwen2-VL and VisionZip
+    add one break inside transformers' own vision attention: docs/api.md)."""
+    model, inp = _qwen(family)
+    unpatched = _explain(model, inp)
+    with vtoken.patch(model, name, keep=8) as h:
+        h.static_layout, h.static_grid = True, (4, 6)
+        assert _explain(model, inp) == unpatched
+    torch._dynamo.reset()
+
+
+def test_static_qwen_declared_grid_is_checked_on_the_device():
+    """A batch whose image_grid_thw differs from the declared grid (same token count) is refused."""
+    model, inp = _qwen("qwen2_vl")
+    with vtoken.patch(model, "pool", keep=8) as h, torch.no_grad():
+        h.static_layout, h.static_grid = True, (6, 4)
+        with pytest.raises(RuntimeError, match="declared static_grid"):
+            model(**inp)
 
 
 @pytest.mark.parametrize("name", ["random", "fastv"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 
@@ -122,6 +123,12 @@ def test_token_aux_targets_are_the_patch_words():
     assert abs(loss - math.log(2)) < 1e-4  # covered patches: half "red", half "star"
     logits[0][:, tok.convert_tokens_to_ids("k")] = 0.0  # cover_char: "K" on every covered patch as well
     assert abs(token_aux_loss(logits, lab, words, "cover_char").item() - math.log(3)) < 1e-4
+    # position: the star (x 20, y 30 of 336) is left of and above the centre lines on every covered patch
+    logits[0][:, [tok.convert_tokens_to_ids(w) for w in ("left", "above")]] = 0.0
+    assert abs(token_aux_loss(logits, lab, words, "cover_char", position=True).item() - math.log(5)) < 1e-4
+    logits[0][:, tok.convert_tokens_to_ids("left")] = -30.0  # a wrong side costs: "right" is not the target
+    logits[0][:, tok.convert_tokens_to_ids("right")] = 0.0
+    assert token_aux_loss(logits, lab, words, "cover_char", position=True).item() > math.log(5) + 1
 
 
 def test_curriculum_and_token_aux_resume_bit_identically(tmp_path):
@@ -160,3 +167,39 @@ def test_unique_qa_batches_never_repeat_a_question_and_label_only_answers():
         assert len(questions) == len(set(questions)) >= 3
         labelled = tok.convert_ids_to_tokens(labels[labels != -100].tolist())
         assert labelled[1::2] == ["</s>"] * len(questions)  # answer word, end of turn; prompts unlabelled
+
+
+def test_resume_from_a_recipe_without_the_newer_aux_heads(tmp_path):
+    """An older checkpoint (run 2's recipe had no cover_char / cover_geom heads) resumes: its weights and
+    optimiser moments load unchanged, the missing heads start fresh."""
+    from safetensors.torch import save_file
+
+    from vtoken.eval import train, train_cpu
+
+    train_cpu.train(train_cpu.parse(_tiny(tmp_path / "a", (2, 1, 0), "--token-pos")))
+    ckpt = tmp_path / "a" / "checkpoint"
+    aux = train.load_sharded(ckpt, "aux")
+    for path in ckpt.glob("aux-*.safetensors"):
+        path.unlink()
+    new = ("heads.cover_char.", "heads.cover_geom.")
+    save_file({k: v for k, v in aux.items() if not k.startswith(new)}, str(ckpt / "aux-0000.safetensors"))
+    opt = train.load_sharded(ckpt, "optim")
+    last = max(int(k.split(".")[0]) for k in opt)  # the four new heads' parameters come last
+    kept = {k: v for k, v in opt.items() if int(k.split(".")[0]) <= last - 4}
+    for path in ckpt.glob("optim-*.safetensors"):
+        path.unlink()
+    save_file(kept, str(ckpt / "optim-0000.safetensors"))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items() if int(k) <= last - 4}
+    state["optimizer"]["param_groups"][0]["params"] = list(range(last - 3))
+    (ckpt / "state.json").write_text(json.dumps(state))
+    model, _ = train_cpu.build((1, 32, 2), (1, 32, 2, 1), 28)
+    heads = train_cpu.AuxHeads(32)
+    opt_ = torch.optim.AdamW([*model.parameters(), *heads.parameters()])
+    train_cpu.load_checkpoint(ckpt, model, heads, opt_, np.random.default_rng(0))
+    assert torch.equal(heads.heads["char"].weight, aux["heads.char.weight"])
+    moments = [opt_.state[p] for p in opt_.param_groups[0]["params"]]
+    saved = {int(k.split(".")[0]) for k in kept if k.endswith("exp_avg")}
+    assert saved and {i for i, m in enumerate(moments) if m} == saved and max(saved) < last - 3
+    i = max(saved)
+    assert torch.equal(moments[i]["exp_avg"], kept[f"{i}.exp_avg"])

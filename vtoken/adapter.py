@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from vtoken.errors import UnsupportedModelError
+from vtoken.errors import ParameterError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from vtoken.reducers.base import ModelInfo
@@ -54,6 +54,13 @@ class Adapter(ABC):
     @abstractmethod
     def install_hooks(self) -> None:
         """Install the hooks for `self.runtime` (subclasses)."""
+
+    def declare_static_grid(self, grid: tuple[int, int] | None) -> None:
+        """Take a user-declared (rows, cols) per image for static prefills (`Patch.static_grid`); families
+        whose static layout follows from shapes alone refuse one."""
+        if grid is not None:
+            raise ParameterError(f"static_grid is for families whose image grids vary (Qwen2-VL / 2.5-VL); the "
+                                 f"{self.family} adapter reads its static layout from tensor shapes: leave it None")
 
     def resolve_stats(self) -> None:  # noqa: B027 (optional hook with a no-op default)
         """Finish statistics recorded as pending (static prefills count on the device); default: none."""

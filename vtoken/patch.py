@@ -76,6 +76,27 @@ class Patch:
             raise ParameterError(f"static_layout must be True, False or None (automatic), got {value!r}")
         self.runtime.static_layout = value
 
+    @property
+    def static_grid(self) -> tuple[int, int] | None:
+        """The (rows, columns) of LLM tokens every image of a static prefill has, declared by the user
+        for families whose image sizes vary (Qwen2-VL / 2.5-VL: the grid lives in `image_grid_thw`'s
+        values, which only a host read gives). Reducers that need the grid (pool, HiPrune, VisionZip)
+        or vision-tower signals then compile whole too; a batch whose images differ from it fails a
+        device-side assertion. None (default): not declared. See docs/api.md."""
+        return self.runtime.static_grid
+
+    @static_grid.setter
+    def static_grid(self, value: tuple[int, int] | None) -> None:
+        if value is not None:
+            ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            if not ok:
+                raise ParameterError(f"static_grid must be (rows, columns) of positive ints (LLM tokens per image) "
+                                     f"or None, got {value!r}")
+            value = (int(value[0]), int(value[1]))
+        self.adapter.declare_static_grid(value)
+        self.runtime.static_grid = value
+
     @contextmanager
     def prompt(self, length: int | Sequence[int]) -> Iterator[Patch]:
         """Within this block, only the first `length` tokens (original columns; an int >= 1, or one per

@@ -38,6 +38,7 @@ class Runtime:
         self.last_spans: list = []
         # Graph-safe (static) prefill layouts: True / False, or None = while torch.compile traces.
         self.static_layout: bool | None = None
+        self.static_grid: tuple[int, int] | None = None  # declared (rows, cols) per image (Patch.static_grid)
 
     def static_wanted(self) -> bool:
         """Lay the prefill out without host reads (see `adapters/hf/static.py`)?"""
