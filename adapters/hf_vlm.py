@@ -81,14 +81,17 @@ class HFVisionLanguageAdapter(Adapter):
         From `input_ids` when given, else by matching `inputs_embeds` rows to the image token's
         embedding (the placeholder rows are still unfilled when the language model's pre-hook runs).
         """
-        image_id = self.model.config.image_token_id
+        return self.token_mask(inputs, self.model.config.image_token_id)
+
+    def token_mask(self, inputs: dict[str, Any], token_id: int) -> torch.Tensor | None:
+        """(B, L) bool mask of `token_id` placeholders, from input_ids or inputs_embeds (see above)."""
         ids = inputs.get("input_ids")
         if ids is not None:
-            return ids == image_id
+            return ids == token_id
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
             return None
-        token = self.model.get_input_embeddings()(torch.tensor(image_id, device=embeds.device))
+        token = self.model.get_input_embeddings()(torch.tensor(token_id, device=embeds.device))
         return (embeds == token).all(-1)
 
     def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
@@ -180,6 +183,12 @@ class HFVisionLanguageAdapter(Adapter):
     def resolve_stats(self) -> None:
         accounting.resolve(self)
 
+    def take_carried(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """At a prefill's boundary: take per-token features the language model would add to visual rows
+        by a mask vtoken's reductions invalidate (Qwen3-VL's deepstack) into `call.carried`, so that
+        they follow the ledger. Returns the language model's kwargs and whether any were taken."""
+        return kwargs, False
+
     def prefill_starts(self, inputs: dict[str, Any]) -> None:
         """A prefill call begins (before its vision tower runs); subclasses may drop stale captures."""
 
@@ -252,11 +261,15 @@ class HFVisionLanguageAdapter(Adapter):
         if len(grids) != len(call.images):
             raise LayoutError(f"{len(call.images)} images in the prompt but {len(grids)} image grids")
         spans = []
-        for (sample, start, n), grid in zip(call.images, grids):
+        for k, ((sample, start, n), grid) in enumerate(zip(call.images, grids)):
             if grid[0] * grid[1] != n:
                 raise LayoutError(f"image at sample {sample}, position {start} has {n} tokens, not {grid[0]}x{grid[1]}")
-            spans.append(ImageSpan(sample, start, grid))
+            spans.append(ImageSpan(sample, start, grid, part=self.span_part(k)))
         return spans
+
+    def span_part(self, k: int) -> tuple[int, int] | None:
+        """(frame, frames) when span k of this call is one frame of a video, else None."""
+        return None
 
     def _logits_post(self, module: nn.Module, inputs: tuple, output: Any) -> Any:
         return forward.expand_logits(self, module, inputs, output)

@@ -48,7 +48,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.family = FAMILIES[type(model).__name__]
+        self.family = FAMILIES.get(type(model).__name__, self.family)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -70,26 +70,83 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                          has_cls=False, vision_tokens=None, prefix_tokens=0, tower="qwen-vit")
 
     def _grids_from(self, thw: torch.Tensor) -> list[tuple[int, int]]:
+        """The LLM token grid of every frame of every (t, h, w) entry, in order (an image: one frame).
+        Each frame is its own item: the tower attends within a frame, and a video's frames are reduced
+        as images with the video's budget split over them."""
         m = self.unit
-        return [(int(t) * int(h) // m, int(w) // m) for t, h, w in thw.tolist()]
+        return [(int(h) // m, int(w) // m) for t, h, w in thw.tolist() for _ in range(int(t))]
+
+    def _frames_from(self, thw: torch.Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """(grid, (frame, frames)) of every frame of the videos of `thw`, in order."""
+        m = self.unit
+        return [((int(h) // m, int(w) // m), (f, int(t))) for t, h, w in thw.tolist() for f in range(int(t))]
+
+    def image_token_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """Image and video placeholder tokens (a video's frames are reduced like images)."""
+        mask = super().image_token_mask(inputs)
+        video = self._video_mask(inputs)
+        return mask if video is None or mask is None else mask | video
+
+    def _video_mask(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        video_id = getattr(self.model.config, "video_token_id", None)
+        return None if video_id is None else self.token_mask(inputs, video_id)
+
+    def _video_frames(self, inputs: dict[str, Any]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+        """Every video frame of this call in order: from video_grid_thw, or (generate() encodes the
+        videos first and passes only their outputs) from the tower run that produced them."""
+        thw = inputs.get("video_grid_thw")
+        if thw is not None:
+            return self._frames_from(thw)
+        done = (inputs.get("mm_encoder_outputs") or {}).get("video")
+        if done is None:
+            return None
+        out = done.pooler_output
+        first = out[0] if isinstance(out, (list, tuple)) else out
+        ptr = first.untyped_storage().data_ptr()
+        cap = next((c for c in reversed(self.vision_runs) if c.get("out_ptr") == ptr), None)
+        return None if cap is None else self._frames_from(cap["thw"])
 
     def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Every image and every video frame as its own span. Without image_grid_thw each run of image
+        tokens is one image (the chat template delimits each with vision start / end tokens)."""
         thw = inputs.get("image_grid_thw")
-        if thw is None:
-            return runs  # the chat template delimits every image with vision start / end tokens
-        sizes = [h * w for h, w in self._grids_from(thw)]
-        out, k = [], 0
-        for sample, start, length in runs:
+        sizes = None if thw is None else [h * w for h, w in self._grids_from(thw)]
+        grids = None if thw is None else self._grids_from(thw)
+        video = self._video_mask(inputs)
+        is_video = [False] * len(runs) if video is None else video.cpu()[[s for s, _, _ in runs],
+                                                                         [p for _, p, _ in runs]].tolist()
+        frames = self._video_frames(inputs) if any(is_video) else None
+        if any(is_video) and frames is None:
+            raise LayoutError("video tokens in the prompt but their frame grids are unknown: pass video_grid_thw "
+                              "(or pixel_values_videos with it) to the patched model")
+        out, info, k, f = [], [], 0, 0
+        for (sample, start, length), vid in zip(runs, is_video):
             pos = start
+            if not vid and sizes is None:
+                out.append((sample, start, length))
+                info.append((None, None))
+                continue
             while pos < start + length:
-                if k >= len(sizes):
-                    raise LayoutError("more image tokens than images in image_grid_thw")
-                out.append((sample, pos, sizes[k]))
-                pos += sizes[k]
-                k += 1
+                items = frames if vid else sizes
+                idx = f if vid else k
+                if idx >= len(items):
+                    raise LayoutError(f"more {'video' if vid else 'image'} tokens than "
+                                      f"{'video frames in video_grid_thw' if vid else 'images in image_grid_thw'}")
+                grid, part = frames[f] if vid else (grids[k], None)
+                n = grid[0] * grid[1]
+                out.append((sample, pos, n))
+                info.append((grid, part))
+                pos += n
+                f, k = (f + 1, k) if vid else (f, k + 1)
             if pos != start + length:
-                raise LayoutError(f"a run of {length} image tokens does not match image_grid_thw")
+                raise LayoutError(f"a run of {length} {'video' if vid else 'image'} tokens does not match "
+                                  f"{'video_grid_thw' if vid else 'image_grid_thw'}")
+        self.call.span_info = info
         return out
+
+    def span_part(self, k: int) -> tuple[int, int] | None:
+        info = self.call.span_info
+        return info[k][1] if k < len(info) else None
 
     def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:
         """Only when asked (`static_layout = True`, or a declared `static_grid`: Qwen's images vary in
@@ -153,9 +210,9 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                             "must have equal image_grid_thw; run this batch eagerly (static_layout = False)")
 
     def image_grids(self, inputs: dict[str, Any], images: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
-        thw = inputs.get("image_grid_thw")
-        if thw is not None:
-            return self._grids_from(thw)
+        info = self.call.span_info
+        if info and len(info) == len(images) and all(g is not None for g, _ in info):
+            return [g for g, _ in info]
         # generate() encodes images first and drops image_grid_thw: use the matched tower runs
         rows = self._vision_rows
         if rows is None:
@@ -227,6 +284,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
             return  # a static prefill takes its images in order: no per-image features to match
         sizes = [h * w for h, w in cap["grids"]]
         cap["tokens"] = list(torch.split(output.pooler_output, sizes))
+        cap["out_ptr"] = output.pooler_output.untyped_storage().data_ptr()  # to tell a video run later
 
     def _capture_rope(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -244,13 +302,14 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
 
     def _capture_merger_input(self, module: nn.Module, args: tuple) -> None:
         if self.vision_capture is not None:
-            x = module.ln_q(args[0])
+            x = self._merger_norm(module)(args[0])
             self.vision_capture["features"] = x.reshape(-1, x.shape[-1] * self.unit**2)
 
     def prepare_vision(self, embeds: torch.Tensor) -> None:
         """Match this prefill's images to the images of the last tower run by their features."""
         needs = any(r.kind.startswith("vision_") for r in self.runtime.signals)
-        if not needs and self.call.inputs.get("image_grid_thw") is not None:
+        info = self.call.span_info
+        if not needs and info and all(g is not None for g, _ in info):
             self._runs_used = True
             return
         last = self.vision_runs[-1] if self.vision_runs else None
@@ -278,7 +337,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         if cap.get("static") and self._static_plan is not None:
             return [self._static_plan["order"]] * len(cap["grids"])
         sizes = [h * w for h, w in cap["grids"]]
-        if self.family == "qwen2_vl":
+        if self._window_index is None:  # no attention windows: the tower keeps raster order
             return [torch.arange(n) for n in sizes]
         visual = self.visual()
         window_index, _ = self._window_index(cap["thw"], spatial_merge_size=visual.spatial_merge_size,
@@ -350,6 +409,15 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
     def projector(self):
         return self.visual().merger.mlp
 
+    @staticmethod
+    def _merger_norm(merger: nn.Module) -> nn.Module:
+        """The merger's per-patch norm, applied before each 2x2 unit is concatenated."""
+        return merger.ln_q
+
+    @staticmethod
+    def _merger_out(merger: nn.Module) -> int:
+        return merger.mlp[-1].out_features
+
     # --- FLOPs ----------------------------------------------------------------------------------------
     def vision_flops(self) -> tuple[int, int]:
         runs = [cap for cap in self.vision_runs if not cap.get("counted")]
@@ -370,7 +438,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         d = blk.norm1.weight.shape[0]
         mlp = blk.mlp
         gated = hasattr(mlp, "gate_proj")
-        width = mlp.gate_proj.out_features if gated else mlp.fc1.out_features
+        width = next(getattr(mlp, n) for n in ("gate_proj", "fc1", "linear_fc1") if hasattr(mlp, n)).out_features
         spec = TransformerSpec(d=d, heads=blk.attn.num_heads, kv_heads=blk.attn.num_heads,
                                head_dim=d // blk.attn.num_heads, mlp=width, mlp_mats=3 if gated else 2,
                                layers=len(visual.blocks))
@@ -387,7 +455,7 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
                 windowed = spec.layers - len(full & set(range(spec.layers)))
                 tower -= windowed * (4 * n * n * a - sum(4 * x * x * a for x in windows[i]))
             hid = visual.merger.hidden_size
-            proj += linear_flops(h * w, [(hid, hid), (hid, visual.merger.mlp[-1].out_features)])
+            proj += linear_flops(h * w, [(hid, hid), (hid, self._merger_out(visual.merger))])
         return tower, proj
 
 

@@ -60,24 +60,29 @@ def tiny_llava(
     return _instantiate(LlavaForConditionalGeneration, config, attn, seed, dtype)
 
 
-QWEN_IMAGE, QWEN_START, QWEN_END = 151, 150, 153
+QWEN_IMAGE, QWEN_START, QWEN_END, QWEN_VIDEO = 151, 150, 153, 152
+QWEN_SPECIAL = [QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END]  # what random tiny models must not generate
 
 
 def tiny_qwen(kind: str = "qwen2_vl", seed: int = 0, llm_layers: int = 4, vision_layers: int = 2,
               attn: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """A Qwen2-VL / Qwen2.5-VL-shaped model (packed vision tower, 2x2 merger, M-RoPE) for tests."""
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL-shaped model (packed vision tower, 2x2 merger, M-RoPE) for
+    tests; Qwen3-VL's deepstack adds the features of every vision layer but the last to LLM layers
+    0..vision_layers-2."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
 
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=200, max_position_embeddings=2048, bos_token_id=1,
                 eos_token_id=2, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=152, vision_start_token_id=QWEN_START,
+    ids = dict(image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
                vision_end_token_id=QWEN_END)
     if kind == "qwen2_vl":
         vision = dict(depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14,
@@ -89,6 +94,13 @@ def tiny_qwen(kind: str = "qwen2_vl", seed: int = 0, llm_layers: int = 4, vision
                       fullatt_block_indexes=[vision_layers - 1], out_hidden_size=64)
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
+    elif kind == "qwen3_vl":
+        vision = dict(depth=vision_layers, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, out_hidden_size=64,
+                      num_position_embeddings=64, deepstack_visual_indexes=list(range(vision_layers - 1)))
+        text = dict(text, head_dim=16, rope_parameters=dict(text["rope_parameters"], mrope_interleaved=True))
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen3VLForConditionalGeneration
     else:
         raise ValueError(kind)
     return _instantiate(cls, config, attn, seed, dtype)
@@ -117,6 +129,53 @@ def qwen_inputs(samples: list[list[tuple[int, int]]], text: int = 4, seed: int =
     if pixels:
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(grids)
+    return out
+
+
+def qwen_media_inputs(samples: list[list[tuple[int, ...]]], kind: str = "qwen2_vl", text: int = 4, seed: int = 0,
+                      side: str = "left") -> dict[str, torch.Tensor]:
+    """`qwen_inputs` with videos: per sample a list of images (h, w) and videos (t, h, w) (t frames of
+    temporal patches, h and w in patches, even). A video is one run of placeholders between vision
+    start / end tokens, except on Qwen3-VL, whose template puts a timestamp token before each frame
+    and delimits every frame. Returns the image and the video inputs (mm_token_type_ids 1 / 2)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, pixels, grids, vpixels, vgrids = [], [], [], [], []
+    for items in samples:
+        ids = [1]
+        for item in items:
+            ids += torch.randint(10, 140, (2,), generator=g).tolist()
+            t, h, w = item if len(item) == 3 else (0, *item)
+            if not t:
+                ids += [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END]
+                pixels.append(torch.randn(h * w, 3 * 2 * 14 * 14, generator=g))
+                grids.append([1, h, w])
+                continue
+            frame = [QWEN_VIDEO] * (h * w // 4)
+            if kind == "qwen3_vl":
+                for f in range(t):
+                    ids += [60 + f, QWEN_START, *frame, QWEN_END]
+            else:
+                ids += [QWEN_START] + frame * t + [QWEN_END]
+            vpixels.append(torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g))
+            vgrids.append([t, h, w])
+        ids += torch.randint(10, 140, (text,), generator=g).tolist()
+        seqs.append(ids)
+    out = pad_batch(seqs, side)
+    out["mm_token_type_ids"] = (out["input_ids"] == QWEN_IMAGE).int() + 2 * (out["input_ids"] == QWEN_VIDEO).int()
+    if pixels:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pixels), torch.tensor(grids)
+    if vpixels:
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(vpixels), torch.tensor(vgrids)
+    return out
+
+
+def qwen_continued(inp: dict[str, torch.Tensor], seq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`qwen_inputs` extended to the token sequence `seq` (prompt + generated tokens, unpadded at
+    the end): the inputs of a full recompute without a cache."""
+    extra = seq.shape[1] - inp["input_ids"].shape[1]
+    out = dict(inp, input_ids=seq)
+    out["attention_mask"] = torch.cat([inp["attention_mask"], torch.ones(seq.shape[0], extra, dtype=torch.long)], 1)
+    out["mm_token_type_ids"] = (seq == QWEN_IMAGE).int() + 2 * (seq == QWEN_VIDEO).int()
     return out
 
 

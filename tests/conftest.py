@@ -11,9 +11,8 @@ from transformers import LlavaForConditionalGeneration
 
 from vtoken.eval.tiny import (
     IMAGE_TOKEN,
-    QWEN_END,
     QWEN_IMAGE,
-    QWEN_START,
+    QWEN_SPECIAL,
     next_inputs,
     pad_batch,
     qwen_inputs,
@@ -81,7 +80,7 @@ def family_setup(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor],
     if family == "llava_next":
         model = tiny_llava_next(seed=0)
         return model, next_inputs(model, [[(56, 112)], [(112, 112)]], seed=1), [IMAGE_TOKEN]
-    return tiny_qwen(family), qwen_inputs([[(8, 12)], [(8, 8)]], seed=1), [QWEN_IMAGE, QWEN_START, QWEN_END]
+    return tiny_qwen(family), qwen_inputs([[(8, 12)], [(8, 8)]], seed=1), QWEN_SPECIAL
 
 
 def recompute_inputs(family: str, inp: dict[str, torch.Tensor], seq: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtoken
-from vtoken.eval.tiny import QWEN_IMAGE, qwen_inputs, tiny_qwen
+from vtoken.eval.tiny import QWEN_IMAGE, QWEN_SPECIAL, qwen_continued, qwen_inputs, tiny_qwen
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 REDUCERS = [("random", {"keep": 8}), ("pool", {"keep": 6}), ("fastv", {"keep": 0.5}), ("hiprune", {"keep": 8}),
@@ -23,15 +23,6 @@ def qwen(request):
 def run(model, **kw):
     with torch.no_grad():
         return model(**kw)
-
-
-def full_inputs(inp, seq):
-    """Inputs for a full recompute of prompt + generated tokens (text positions appended)."""
-    extra = seq.shape[1] - inp["input_ids"].shape[1]
-    out = dict(inp, input_ids=seq)
-    out["attention_mask"] = torch.cat([inp["attention_mask"], torch.ones(seq.shape[0], extra, dtype=torch.long)], 1)
-    out["mm_token_type_ids"] = (seq == QWEN_IMAGE).int()
-    return out
 
 
 def test_keep_all_bit_identical_and_remove_restores(qwen):
@@ -52,9 +43,9 @@ def test_cached_decode_equals_recompute(qwen, name, params):
     n = inp["input_ids"].shape[1]
     with vtoken.patch(qwen, name, **params) as p, torch.no_grad():
         out = qwen.generate(**inp, max_new_tokens=4, do_sample=False, output_logits=True,
-                            return_dict_in_generate=True, pad_token_id=0, suppress_tokens=[QWEN_IMAGE, 150, 153])
+                            return_dict_in_generate=True, pad_token_id=0, suppress_tokens=QWEN_SPECIAL)
         with p.prompt(n):
-            full = qwen(**full_inputs(inp, out.sequences[:, :-1]), use_cache=False).logits
+            full = qwen(**qwen_continued(inp, out.sequences[:, :-1]), use_cache=False).logits
     torch.testing.assert_close(full[:, n - 1:], torch.stack(out.logits, 1), atol=3e-5, rtol=1e-4)
 
 

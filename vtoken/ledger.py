@@ -33,6 +33,8 @@ class ImageSpan:
     share:  the share of an int budget this span gets (LLaVA-NeXT: base image vs crops).
     base:   for a sub-image that is a detail view of another span (LLaVA-NeXT's crops), the index of
             the span holding the image's base view in the call's span list; else None.
+    part:   for one frame of a video, (frame, frames): an int budget is the video's, split evenly
+            over its frames (`reducers.base.scaled`); else None.
     """
 
     sample: int
@@ -42,6 +44,7 @@ class ImageSpan:
     inner: tuple[int, ...] | None = None
     share: float = 1.0
     base: int | None = None
+    part: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:
@@ -270,16 +273,20 @@ class Applied:
     dropped: torch.Tensor  # (B, L_old) valid rows removed
     changed: bool
     merged: bool  # some kept row carries new values
+    carried: torch.Tensor | None = None  # (B, L', C) the features carried beside the rows, if any
 
 
 def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.Tensor, keep: torch.Tensor,
           counts: list[int], spans: list[ImageSpan], values: torch.Tensor | None = None,
-          sizes: torch.Tensor | None = None) -> Applied:
+          sizes: torch.Tensor | None = None, carried: torch.Tensor | None = None,
+          mix: torch.Tensor | None = None) -> Applied:
     """Write a per-image selection into the layout and drop the rows it does not keep.
 
     rows / real: the images' flat row indices and which are selectable (`image_rows`, pinned tokens
     excluded); keep: (n_img, N) kept slots; counts: kept tokens per image (host, from the budgets);
     values / sizes: new features and sizes of kept slots (merging), or None.
+    carried: (B, L, C) per-row features that follow the rows (Qwen3-VL's deepstack), combined by the
+    merge's weights `mix` ((n_img, N, N), `Selection.mix`) where `values` are given.
     """
     b, length = layout.shape
     idx = torch.where(real, rows, b * length).reshape(-1)  # slot b*L: a dump for non-selectable slots
@@ -296,11 +303,17 @@ def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.
     drops = [0] * b
     for span, n, k in zip(spans, layout.counts, counts):
         drops[span.sample] += n - span.pinned - k
+    if carried is not None and values is not None:
+        if mix is None:
+            raise ValueError("merged values without their weights (Selection.mix) cannot carry features")
+        slots = carried.reshape(b * length, -1)[rows].masked_fill(~real[..., None], 0)
+        carried = scatter(carried, torch.bmm(mix.float(), slots.float()).to(carried.dtype))
     comp = compact(dataclasses.replace(layout, size=size), keep_rows, drops)
     comp.layout.counts = [k + s.pinned for k, s in zip(counts, spans)]
     if comp.changed:
         hidden = gather_rows(hidden, comp.src, fill=0)
-    return Applied(comp.layout, hidden, comp.src, comp.dropped, comp.changed, values is not None)
+        carried = None if carried is None else gather_rows(carried, comp.src, fill=0)
+    return Applied(comp.layout, hidden, comp.src, comp.dropped, comp.changed, values is not None, carried)
 
 
 def renumbering(dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ class PointResult:
     dec_shift: torch.Tensor | None
     changed: bool
     merged: bool = False  # some kept row carries new values (merging), not only a gather of the input
+    carried: torch.Tensor | None = None  # (B, L', C) features carried beside the rows (see `run_point`)
 
 
 def run_point(
@@ -46,8 +47,13 @@ def run_point(
     timer: Timer,
     layer: int | None = None,
     project: Projector | None = None,
+    carried: torch.Tensor | None = None,
 ) -> PointResult:
-    """Apply `reducers` in order at one point (all see the same model state, each the previous' output)."""
+    """Apply `reducers` in order at one point (all see the same model state, each the previous' output).
+
+    carried: (B, L, C) per-row features that must follow the rows (Qwen3-VL's deepstack features,
+    added to the visual rows of the first LLM layers): kept rows keep theirs, a merged row gets the
+    same combination of its inputs' (`Selection.mix`, which merging reducers give when asked)."""
     b, length = layout.shape
     device = hidden.device
     src_total = torch.arange(length, device=device).expand(b, length)
@@ -63,7 +69,7 @@ def run_point(
         with timer.at(device):  # a no-op while torch.compile traces (see Timer.at)
             selectable = [c - p for c, p in zip(layout.counts, pinned)]
             entry = layout.entry or selectable
-            keep = [reducer.budget(n, layer, e, s.share) if n > 0 else 0
+            keep = [reducer.budget(n, layer, e, s.share if s.part is None else s.part) if n > 0 else 0
                     for n, e, s in zip(selectable, entry, spans)]
             flat, valid = image_rows(layout)
             d = hidden.shape[-1]
@@ -85,18 +91,26 @@ def run_point(
                 layer=layer,
                 project=project,
                 counts=selectable,
+                want_mix=carried is not None,
                 _signal=aligned,
             )
             sel = reducer.select(x)
+            if carried is not None and sel.values is not None and sel.mix is None:
+                raise LayoutError(
+                    f"{reducer.name} merges tokens without giving its merge weights (Selection.mix), so the "
+                    "features this model adds to its visual rows inside the LLM (Qwen3-VL's deepstack) cannot "
+                    "follow the merged tokens; use a pruning reducer, or give Selection.mix when "
+                    "StageInput.want_mix is set")
             if reducer.adaptive:
                 if sel.counts is None:
                     raise LayoutError(f"adaptive reducer {reducer.name!r} must report Selection.counts")
                 keep = list(sel.counts)
             if reducer.adaptive or not _counts_tested(reducer):
                 _check_counts(reducer, sel.keep & valid, keep, on_device=layout.static)
-            res = apply(layout, hidden, flat, valid, sel.keep, keep, spans, sel.values, sel.sizes)
+            res = apply(layout, hidden, flat, valid, sel.keep, keep, spans, sel.values, sel.sizes,
+                        carried, sel.mix)
             merged = merged or res.merged
-            hidden = res.hidden
+            hidden, carried = res.hidden, res.carried
             if not res.changed:
                 layout = res.layout
                 continue
@@ -110,7 +124,7 @@ def run_point(
             src_total = gather_rows(src_total, res.src, fill=length)
             length = res.layout.shape[1]
             layout = res.layout
-    return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed, merged)
+    return PointResult(hidden, layout, src_total, pos_shift, dec_shift, changed, merged, carried)
 
 
 def _inner_table(spans: list[ImageSpan], device: torch.device) -> torch.Tensor | None:

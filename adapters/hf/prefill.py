@@ -30,6 +30,7 @@ def boundary(adapter: HFVisionLanguageAdapter, args: tuple, kwargs: dict[str, An
     if embeds is None:
         raise LayoutError("vtoken expects the language model to be called with inputs_embeds")
     b, length, _ = embeds.shape
+    kwargs, taken = adapter.take_carried(kwargs)  # Qwen3-VL: deepstack features now follow the ledger
     if call.static is not None:  # graph-safe: the images' columns and the padding stay on the device
         mask = adapter.image_token_mask(call.inputs)
         am = call.inputs.get("attention_mask")
@@ -60,14 +61,18 @@ def boundary(adapter: HFVisionLanguageAdapter, args: tuple, kwargs: dict[str, An
     call.layout, call.pos = layout, pos
     call.next_pos = torch.where(call.valid, pos, -1).amax(-1) + 1  # per axis of multi-axis ids
     rt = adapter.runtime
+    unchanged = (args, kwargs) if taken else None
     if not rt.boundary:
-        return None
+        return unchanged
     res = run_point(rt.boundary, layout, embeds, call.spans, adapter.signal, rt.timer,
-                    project=adapter.side_projector())
+                    project=adapter.side_projector(), carried=call.carried)
     res.layout.entry = [c - s.pinned for c, s in zip(res.layout.counts, call.spans)]
     call.layout = res.layout
+    call.carried = res.carried
     if not res.changed:
-        return None
+        return unchanged
+    if call.carried_rows is not None:
+        call.carried_rows = gather_rows(call.carried_rows, res.src, fill=False)
     if adapter.vtu is not None:
         call.vtu = virtual_map(adapter, layout, res.src, res.layout, pos)
     pos = gather_rows(pos, res.src, dim=-1)
@@ -92,8 +97,10 @@ def decoder_layer(adapter: HFVisionLanguageAdapter, i: int, args: tuple, kwargs:
         cur = call.seg_kwargs if call.seg_kwargs is not None else kwargs
         call.point = {"layer": i, "hidden": hidden, "position_embeddings": cur["position_embeddings"]}
         grad = torch.is_grad_enabled()
+        carried = call.carried if i < call.carried_layers else None  # still added after layer >= i
         with torch.no_grad():  # scoring and selection: no autograd graph (the kept rows are gathered below)
-            res = run_point(rt.decoder[i], call.layout, hidden, call.spans, adapter.signal, rt.timer, layer=i)
+            res = run_point(rt.decoder[i], call.layout, hidden, call.spans, adapter.signal, rt.timer, layer=i,
+                            carried=carried)
         if grad and res.changed:
             if res.merged:
                 raise LayoutError(f"{rt.decoder[i][0].name} merges token values inside the LLM, which vtoken "
@@ -101,6 +108,10 @@ def decoder_layer(adapter: HFVisionLanguageAdapter, i: int, args: tuple, kwargs:
             res = dataclasses.replace(res, hidden=gather_rows(hidden, res.src, fill=0))
         call.point = None
         call.layout = res.layout
+        if carried is not None:
+            call.carried = res.carried
+            if res.changed:
+                call.carried_rows = gather_rows(call.carried_rows, res.src, fill=False)
         if res.changed:
             pos = gather_rows(call.pos, res.src, dim=-1)
             if res.pos_shift is not None:

@@ -72,6 +72,7 @@ class Call:
 
     mode: str = "off"  # "off" | "prefill" | "decode"
     images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, start, tokens) per image
+    span_info: list[Any] = field(default_factory=list)  # adapter's per-image notes (Qwen: grid, video frame)
     inputs: dict[str, Any] = field(default_factory=dict)
     spans: list[ImageSpan] = field(default_factory=list)
     valid: torch.Tensor | None = None  # (B, L) bool, device
@@ -107,6 +108,12 @@ class Call:
     vtu_hidden: torch.Tensor | None = None
     vtu_rope: tuple[torch.Tensor, torch.Tensor] | None = None
     vtu_mask: Any = None
+    # features added to visual rows after the first `carried_layers` LLM layers (Qwen3-VL's deepstack):
+    # (B, L, layers, d) beside the current layout's rows, and (B, L) which rows take them
+    carried: torch.Tensor | None = None
+    carried_rows: torch.Tensor | None = None
+    carried_layers: int = 0
+    carried_added: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> what it added (backward)
 
 
 def shift(pos: torch.Tensor, by: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,13 @@ def require_full_grid(x: StageInput, name: str) -> None:
             )
 
 
+def mix_from_grid(x: StageInput, mix: torch.Tensor) -> torch.Tensor:
+    """A merge's weights in grid space (n_img, G, G): kept raster position -> input raster position,
+    to slot space (n_img, N, N) (`Selection.mix`)."""
+    rows = from_grid(x, mix)  # (n_img, N, G)
+    return from_grid(x, rows.transpose(1, 2)).transpose(1, 2)
+
+
 def by_grid(x: StageInput) -> dict[tuple[int, int], torch.Tensor]:
     """Indices of the images sharing each grid shape (so each group is processed in one batched op)."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)

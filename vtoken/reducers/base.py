@@ -22,6 +22,7 @@ from vtoken.budget import Keep, check_keep, resolve_keep
 from vtoken.errors import BudgetError, ParameterError, SignalError
 
 Stage = Literal["encoder", "boundary", "decoder", "attention"]
+Share = float | tuple[int, int]  # an int budget's share: a fraction, or (frame, frames) of a video (`scaled`)
 STAGE_ORDER: dict[str, int] = {"encoder": 0, "boundary": 1, "decoder": 2, "attention": 3}
 
 
@@ -81,12 +82,17 @@ class Selection:
     sizes:  (n_img, N) how many original tokens each survivor stands for (None: unchanged).
     counts: reducers whose count depends on the content (`adaptive = True`) report the number of
             True slots per image here; the budget is then an upper bound.
+    mix:    (n_img, N, N) for merges, when the input asks for it (`StageInput.want_mix`): row j holds
+            the weight of every input slot in kept slot j's new value (a kept, unmerged slot: a one-hot
+            row), so that per-token features carried beside the tokens (Qwen3-VL's deepstack) can be
+            combined the same way. None: no merge, or not asked.
     """
 
     keep: torch.Tensor
     values: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     counts: list[int] | None = None  # adaptive reducers only: the kept count per image (host ints)
+    mix: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,6 +111,8 @@ class StageInput:
                projector), for reducers that build new tokens in vision space; None if unavailable.
     bases:     per image, the row (in this input) of the image's base view when the image is a
                detail view of it (LLaVA-NeXT crops), else None; None when no image has one.
+    want_mix:  features travel beside the tokens (Qwen3-VL's deepstack): a merging reducer must
+               describe its merge as `Selection.mix`.
     """
 
     features: torch.Tensor
@@ -117,6 +125,7 @@ class StageInput:
     project: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
     counts: list[int] | None = None  # host: selectable tokens per image (None: read from `valid`)
     bases: list[int | None] | None = None
+    want_mix: bool = False
     _signal: Callable[[SignalRequest], torch.Tensor] | None = field(repr=False, default=None)
 
     def signal(self, request: SignalRequest) -> torch.Tensor:
@@ -221,7 +230,7 @@ class Reducer:
         (`MergedGroups` after a fixed encoder schedule), else None: the content decides."""
         return None
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
         """Tokens to keep for an image that has `n` tokens when it reaches this reducer (at `layer`);
         `entry` is how many it had when entering the LLM (schedules relative to that use it); `share`
         is the part of an int budget this (sub-)image gets (LLaVA-NeXT splits it over base and crops)."""
@@ -243,8 +252,13 @@ class Reducer:
         return f"{self.name}({params}) [{where}]"
 
 
-def scaled(keep: Keep, share: float) -> Keep:
-    """An int budget scaled by a share (at least 1 token); fractions are unchanged."""
+def scaled(keep: Keep, share: Share) -> Keep:
+    """An int budget scaled by a share (at least 1 token); fractions are unchanged. A share
+    (frame, frames) is one frame of a video whose int budget is split evenly over its frames (the
+    first `keep % frames` frames get one more; each frame at least 1)."""
+    if isinstance(keep, int) and not isinstance(keep, bool) and isinstance(share, tuple):
+        f, t = share
+        return max(1, keep // t + (1 if f < keep % t else 0))
     if isinstance(keep, int) and not isinstance(keep, bool) and share != 1.0:
         return max(1, round(keep * share))
     return keep

@@ -20,7 +20,7 @@ import torch
 from vtoken.budget import resolve_keep
 from vtoken.errors import BudgetError, ParameterError
 from vtoken.ops.merge import MergePlan, representatives, solve_schedule
-from vtoken.reducers.base import ModelInfo, Reducer, Selection, Stage, StageInput
+from vtoken.reducers.base import ModelInfo, Reducer, Selection, Share, Stage, StageInput
 
 
 @dataclass
@@ -109,7 +109,7 @@ class EncoderMerge(Reducer):
         other.__dict__["_frozen"] = self.__dict__.get("_frozen", False)
         return other
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
         return n  # encoder merging sets the count; boundary/decoder budgets apply to what it leaves
 
     def plan(self, layer: int, metric: torch.Tensor, counts: list[int]) -> MergePlan | None:

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from vtoken.ops.select import grid_factor
-from vtoken.reducers._grid import from_grid, require_full_grid, to_grid
+from vtoken.reducers._grid import from_grid, mix_from_grid, require_full_grid, to_grid
 from vtoken.reducers.base import Reducer, Selection, Stage, StageInput
 from vtoken.registry import register
 
@@ -40,6 +40,8 @@ class Pool(Reducer):
         keep = torch.zeros(feats.shape[:2], dtype=torch.bool, device=feats.device)
         values = feats.clone()
         sizes = torch.zeros(feats.shape[:2], dtype=x.sizes.dtype, device=feats.device)
+        g = feats.shape[1]
+        mix = torch.zeros(feats.shape[0], g, g, device=feats.device) if x.want_mix else None
         groups: dict[tuple[tuple[int, int], int], list[int]] = {}
         for i, (grid, k) in enumerate(zip(x.grids, x.keep)):
             groups.setdefault((grid, k), []).append(i)
@@ -58,8 +60,21 @@ class Pool(Reducer):
             keep[rows_idx, rep] = True
             values[rows_idx, rep] = (total / area[None, :, None]).to(feats.dtype)
             sizes[rows_idx, rep] = area.to(sizes.dtype)
+            if mix is not None:  # each window's mean as weights over the grid (windows may overlap)
+                inside = _members(wins, rows, cols).to(mix.dtype) / area[:, None].to(mix.dtype)
+                mix[rows_idx, rep, : rows * cols] = inside[None].expand(len(members), -1, -1)
         return Selection(keep=from_grid(x, keep, False), values=from_grid(x, values),
-                         sizes=from_grid(x, sizes))
+                         sizes=from_grid(x, sizes), mix=None if mix is None else mix_from_grid(x, mix))
+
+
+def _members(wins: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(k, rows * cols) bool: which raster positions each window (r0, r1, c0, c1) covers."""
+    r0, r1, c0, c1 = wins.unbind(1)
+    rr = torch.arange(rows, device=wins.device)
+    cc = torch.arange(cols, device=wins.device)
+    in_r = (rr >= r0[:, None]) & (rr < r1[:, None])
+    in_c = (cc >= c0[:, None]) & (cc < c1[:, None])
+    return (in_r[:, :, None] & in_c[:, None, :]).reshape(len(wins), rows * cols)
 
 
 def windows(k: int, rows: int, cols: int) -> list[tuple[int, int, int, int]]:

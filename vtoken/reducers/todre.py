@@ -14,6 +14,7 @@ from vtoken.reducers.base import (
     ModelInfo,
     Reducer,
     Selection,
+    Share,
     SignalRequest,
     Stage,
     StageInput,
@@ -131,7 +132,7 @@ class ToDRERelevance(Reducer):
         c = self.layer - 1
         return (SignalRequest("llm_modality_mass", c, "t2v"), SignalRequest("llm_modality_mass", c, "v2t"))
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
         return n  # an upper bound: the count is decided by the attention ratios
 
     def select(self, x: StageInput) -> Selection:
@@ -179,7 +180,7 @@ class ToDRE(Reducer):
             check_unused(self, ["tau", "check_layer"], "stage 2 settings, and stage2=False switches it off")
         self._build()
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
         raise NotImplementedError("todre acts through its parts (todre_diversity, todre_relevance)")
 
     def _build(self) -> None:

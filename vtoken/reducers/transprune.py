@@ -16,6 +16,7 @@ from vtoken.reducers.base import (
     ModelInfo,
     Reducer,
     Selection,
+    Share,
     SignalRequest,
     Stage,
     StageInput,
@@ -105,7 +106,7 @@ class TransPrune(Reducer):
             out += [SignalRequest("llm_attention_pre", layer, "instruction") for layer in self.layers]
         return tuple(out)
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: float = 1.0) -> int:
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
         sched = dict(self.schedule or _SCHEDULE_32)
         entry = n if entry is None else entry
         final = None if self.keep is None else resolve_keep(scaled(self.keep, share), entry)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from vtoken.budget import resolve_keep
 from vtoken.errors import BudgetError, ParameterError, UnsupportedModelError
 from vtoken.ops.select import topk_mask
-from vtoken.reducers._grid import from_grid, require_full_grid, to_grid
+from vtoken.reducers._grid import from_grid, mix_from_grid, require_full_grid, to_grid
 from vtoken.reducers.base import ModelInfo, Reducer, Selection, SignalRequest, Stage, StageInput, check_range
 from vtoken.registry import register
 
@@ -85,15 +85,20 @@ class VisionZip(Reducer):
         features, token_sizes = to_grid(x, x.features), to_grid(x, x.sizes)
         keep = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
         values, sizes = features.clone(), token_sizes.clone()
+        g = features.shape[1]
+        mix = torch.zeros(features.shape[0], g, g, device=features.device) if x.want_mix else None
         groups: dict[tuple[int, int], list[int]] = {}
         for i, ((h, w), k) in enumerate(zip(x.grids, x.keep)):
             groups.setdefault((h * w, k), []).append(i)
         for (n, k), members in groups.items():  # images of one size and budget: one batched computation
             ids = torch.tensor(members, device=x.features.device)
-            kp, vals, szs = self._select_group(cls_att[ids, :n], keys[ids, :n], feats[ids, :n],
-                                               features[ids, :n], token_sizes[ids, :n], k, x.project)
+            kp, vals, szs, mx = self._select_group(cls_att[ids, :n], keys[ids, :n], feats[ids, :n],
+                                                   features[ids, :n], token_sizes[ids, :n], k, x.project)
             keep[ids, :n], values[ids, :n], sizes[ids, :n] = kp, vals, szs
-        return Selection(keep=from_grid(x, keep, False), values=from_grid(x, values), sizes=from_grid(x, sizes))
+            if mix is not None:
+                mix[ids, :n, :n] = mx.to(mix.dtype)
+        return Selection(keep=from_grid(x, keep, False), values=from_grid(x, values), sizes=from_grid(x, sizes),
+                         mix=None if mix is None else mix_from_grid(x, mix))
 
     def _select_group(self, cls_att, keys, feats, features, sizes, k, project):
         m, n = cls_att.shape
@@ -101,8 +106,11 @@ class VisionZip(Reducer):
         rows = torch.arange(m, device=features.device)[:, None]
         keep = topk_mask(cls_att, torch.full((m,), dom_n, device=rows.device))
         values = features
+        # the merge as weights (m, n, n): kept tokens one-hot, a contextual token its target plus the
+        # mean of the tokens assigned to it (the same combination, applied to carried features)
+        mix = torch.diag_embed(keep.float())
         if ctx_n == 0:
-            return keep, values, sizes
+            return keep, values, sizes, mix
         rest = n - dom_n
         remaining = keep.int().argsort(dim=1, stable=True)[:, :rest]  # non-dominant patches, raster order
         step = max(1, rest // ctx_n)
@@ -129,4 +137,7 @@ class VisionZip(Reducer):
         sizes[rows, targets] = 1 + count.to(sizes.dtype)
         keep = keep.clone()
         keep[rows, targets] = True
-        return keep, values, sizes
+        mix[rows, targets, targets] = 1.0
+        dest = targets.gather(1, assign)  # (m, R - C) the target each other token is merged into
+        mix[rows, dest, others] = 1.0 / count.gather(1, assign)
+        return keep, values, sizes, mix
