@@ -230,8 +230,12 @@ class HFVisionLanguageAdapter(Adapter):
 
     def counts_fixed(self) -> bool:
         """Every reducer's count per image is fixed by the configuration (content-adaptive ones only
-        where it fixes them anyway: merged groups after ToMe / PiToMe)."""
-        return all(not r.adaptive or r.static_count() is not None for r in self.runtime.reducers)
+        where it fixes them anyway: merged groups after ToMe / PiToMe), or bounded by it and reported on
+        the device by a reducer at the last reduction point (`Reducer.device_counts`: ToDRE's stage 2)."""
+        dec = self.runtime.decoder
+        last = dec[max(dec)][-1] if dec else None  # the reducer that acts last
+        return all(not r.adaptive or r.static_count() is not None or (r.device_counts and r is last)
+                   for r in self.runtime.reducers)
 
     def static_ok(self) -> bool:
         """Counts fixed by the configuration (`counts_fixed`) and no VTU."""

@@ -15,14 +15,19 @@ import vtoken
 import vtoken.adapters
 from vtoken.eval.tiny import tiny_llava
 
-# fixed-budget reducers whose LLaVA prefill compiles whole (todre's stage 2 and DyMU decide their
-# counts from the content: they keep the exact, host-read layout); tome / pitome merge in the tower
-# with a schedule that fixes each image's count
+# reducers whose LLaVA prefill compiles whole: the fixed-budget ones; tome / pitome merge in the tower
+# with a schedule that fixes each image's count; todre's stage 2 keeps all or none of an image by its
+# attention ratios, on the device (what it drops becomes padding). DyMU decides its counts from the
+# content in the tower: it keeps the exact, host-read layout
 STATIC = {
     "random": {"keep": 16}, "pool": {"keep": 16}, "fastv": {"keep": 16}, "hiprune": {"keep": 16},
     "visionzip": {"keep": 16}, "divprune": {"keep": 16}, "transprune": {},
-    "todre": {"keep": 16, "stage2": False}, "tome": {"r": 3}, "pitome": {"keep": 12},
+    "todre": {"keep": 16}, "todre_stage1": {"keep": 16, "stage2": False}, "tome": {"r": 3}, "pitome": {"keep": 12},
 }
+
+
+def _patch(model, name):
+    return vtoken.patch(model, name.split("_")[0], **STATIC[name])
 ROOTS = tuple(str(Path(m.__file__).resolve().parent) for m in (vtoken, vtoken.adapters))
 
 
@@ -41,10 +46,10 @@ def unpatched_breaks() -> int:
     return _explain(model.eval(), inp)
 
 
-@pytest.mark.parametrize("name", ["random", "hiprune", "fastv", "visionzip", "tome", "pitome"])
+@pytest.mark.parametrize("name", ["random", "hiprune", "fastv", "visionzip", "tome", "pitome", "todre"])
 def test_patched_llava_has_the_unpatched_graph_breaks(name, unpatched_breaks):
     model, inp, _ = family_setup("llava")
-    with vtoken.patch(model.eval(), name, **STATIC[name]):
+    with _patch(model.eval(), name):
         assert _explain(model, inp) == unpatched_breaks
 
 
@@ -88,7 +93,7 @@ class _HostReads:
 def test_static_prefill_reads_nothing_back_and_equals_the_exact_layout(name):
     model, inp, _ = family_setup("llava")
     model.eval()
-    with vtoken.patch(model, name, **STATIC[name]) as h, torch.no_grad():
+    with _patch(model, name) as h, torch.no_grad():
         exact = model(**inp).logits
         exact_counts = h.stats.tokens_per_layer
         h.static_layout = True
@@ -102,6 +107,57 @@ def test_static_prefill_reads_nothing_back_and_equals_the_exact_layout(name):
             h.static_layout = False
             model(**inp)
         assert reads.calls
+
+
+def _todre_taus(model, inp) -> dict[str, float]:
+    """Stage-2 thresholds that make the exact layout drop every image, one sample's images only, or none
+    (found from the exact layout's counts, so the test does not hang on one model's attention values)."""
+    found: dict[str, float] = {}
+    for tau in torch.linspace(0.0, 1.0, 51).tolist():
+        with vtoken.patch(model, "todre", keep=16, tau=tau) as h, torch.no_grad():
+            model(**inp)
+            last = h.stats.visual_per_layer[-1]
+        kind = "none" if all(last) else "all" if not any(last) else "ragged"
+        found.setdefault(kind, tau)
+    assert set(found) == {"none", "ragged", "all"}, f"no threshold splits this batch: {found}"
+    return found
+
+
+def test_static_todre_stage2_pads_what_it_drops_and_equals_the_exact_layout():
+    """ToDRE's stage 2 keeps all or none of an image's visual tokens by its attention ratios. In a static
+    layout its counts stay on the device and the rows it drops become masked padding: no host read,
+    the exact layout's logits and token counts, and greedy generation (cached decoding over the
+    padded cache) gives the exact layout's tokens, whether it drops every image, some or none."""
+    model, inp, sup = family_setup("llava")
+    model.eval()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=sup)
+    for kind, tau in _todre_taus(model, inp).items():
+        with vtoken.patch(model, "todre", keep=16, tau=tau) as h, torch.no_grad():
+            exact = model(**inp).logits
+            counts = h.stats.visual_per_layer
+            tokens = model.generate(**inp, **kw)
+            h.static_layout = True
+            with _HostReads() as reads:
+                static = model(**inp).logits
+            assert reads.calls == [], kind
+            assert h.layout.static and h.layout.count_t is not None
+            torch.testing.assert_close(static, exact, rtol=1e-5, atol=1e-5)
+            assert h.stats.visual_per_layer == counts
+            assert torch.equal(model.generate(**inp, **kw), tokens), kind
+
+
+def test_static_layout_is_not_taken_when_a_reducer_acts_after_a_device_counted_one():
+    """A device-counted reducer (ToDRE's stage 2) leaves its counts on the device: a reducer after it
+    would need them on the host, so such a pipeline keeps the exact (host-read) layout, as DyMU does."""
+    model, inp, _ = family_setup("llava")
+    model.eval()
+    parts = [vtoken.get("todre_relevance")(check_layer=0), vtoken.get("fastv")(keep=8, k=2)]
+    with vtoken.patch(model, parts) as h, torch.no_grad():
+        assert not h.adapter.counts_fixed()
+        exact = model(**inp).logits
+        h.static_layout = True
+        torch.testing.assert_close(model(**inp).logits, exact, rtol=1e-5, atol=1e-5)
+        assert not h.layout.static
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -220,7 +276,7 @@ def _qwen(family: str, sizes=((8, 12), (8, 12))):
 
 
 @pytest.mark.parametrize("family", QWEN)
-@pytest.mark.parametrize("name", ["random", "fastv"])
+@pytest.mark.parametrize("name", ["random", "fastv", "todre"])
 def test_patched_qwen_has_the_unpatched_graph_breaks(family, name):
     """Qwen's images vary in size, so its static layout is asked for (`static_layout = True`); the
     batch's images then share one size."""
@@ -235,7 +291,7 @@ def test_patched_qwen_has_the_unpatched_graph_breaks(family, name):
 
 
 @pytest.mark.parametrize("family", QWEN)
-@pytest.mark.parametrize("name", ["random", "fastv", "divprune"])
+@pytest.mark.parametrize("name", ["random", "fastv", "divprune", "todre"])
 def test_static_qwen_prefill_reads_nothing_back_and_equals_the_exact_layout(family, name):
     model, inp = _qwen(family)
     with vtoken.patch(model, name, keep=8) as h, torch.no_grad():
@@ -247,7 +303,13 @@ def test_static_qwen_prefill_reads_nothing_back_and_equals_the_exact_layout(fami
         assert reads.calls == []
         assert h.layout.static
         torch.testing.assert_close(static, exact, rtol=1e-5, atol=1e-5)
-        assert h.stats.tokens_per_layer == counts and h.stats.flops == flops
+        assert h.stats.tokens_per_layer == counts
+        got = h.stats.flops
+        # ToDRE's side path takes its query rows up to a host bound, which a static layout cannot
+        # tighten by reading the prompt's lengths: more q k^T rows (honestly counted), the same model FLOPs
+        assert got["reducer"] >= flops["reducer"]
+        assert {k: v for k, v in got.items() if k not in ("reducer", "total")} == \
+            {k: v for k, v in flops.items() if k not in ("reducer", "total")}
 
 
 def test_static_qwen_refuses_images_of_different_sizes():

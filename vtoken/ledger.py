@@ -71,6 +71,9 @@ class Layout:
     entry: list[int] | None = None  # host: selectable visual rows per image entering the LLM (after boundary)
     len_t: torch.Tensor | None = None  # (B,) long, device: valid rows per sample
     starts: torch.Tensor | None = None  # (n_img,) long, device: first original column of each image
+    # (n_img,) long, device: visual rows per image where the content decided them in a static layout
+    # (ToDRE's stage 2); `counts` then holds host upper bounds, and rows past count_t are padding
+    count_t: torch.Tensor | None = None
 
     @property
     def static(self) -> bool:
@@ -154,7 +157,8 @@ def image_rows(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     start = start.scatter_reduce(0, bucket, flat_pos, reduce="amin")[:n_img]
     n_max = max(layout.counts, default=0)
     j = torch.arange(n_max, device=device)
-    counts = torch.tensor(layout.counts, device=device, dtype=torch.long)
+    counts = layout.count_t if layout.count_t is not None else torch.tensor(layout.counts, device=device,
+                                                                            dtype=torch.long)
     valid = j < counts[:, None]
     flat = (start[:, None] + j).clamp_max(b * length - 1)
     return flat, valid
@@ -170,23 +174,28 @@ class Compaction:
     changed: bool  # False when nothing was dropped (the old layout is returned as is)
 
 
-def compact(layout: Layout, keep_rows: torch.Tensor, drops: list[int]) -> Compaction:
+def compact(layout: Layout, keep_rows: torch.Tensor, drops: list[int], drops_t: torch.Tensor | None = None
+            ) -> Compaction:
     """Drop the rows where `keep_rows` is False (B, L), re-padding to the longest sample.
 
     `drops` are the valid rows each sample loses (known on the host from the budgets). With host
     lengths the new row count is the longest sample's; in a static layout it is the old count minus
     the smallest drop, an upper bound that needs no device read (shorter samples get more padding).
+    drops_t: (B,) device drops where the content decides them (static layouts only); `drops` are then
+    their host lower bounds, and the rows are always re-laid (nothing on the host says none dropped).
     """
     b, length = layout.shape
     device = keep_rows.device
     keep_rows = keep_rows & layout.valid
     dropped = layout.valid & ~keep_rows
-    if not any(drops):
+    if not any(drops) and drops_t is None:
         src = torch.arange(length, device=device).expand(b, length)
         return Compaction(layout, src, dropped, changed=False)
+    if drops_t is not None and layout.lengths is not None:
+        raise ValueError("device-side drops need a static layout (host lengths would need a read)")
     lengths = None if layout.lengths is None else [n - d for n, d in zip(layout.lengths, drops)]
     new_len = max(lengths, default=0) if lengths is not None else length - min(drops, default=0)
-    len_t = layout.len_t - torch.tensor(drops, dtype=torch.long, device=device)
+    len_t = layout.len_t - (drops_t if drops_t is not None else torch.tensor(drops, dtype=torch.long, device=device))
     dest = keep_rows.long().cumsum(1) - 1
     ra = layout.right_align
     if isinstance(ra, torch.Tensor):
@@ -209,6 +218,7 @@ def compact(layout: Layout, keep_rows: torch.Tensor, drops: list[int]) -> Compac
         entry=layout.entry,
         len_t=len_t,
         starts=layout.starts,
+        count_t=layout.count_t,
     )
     return Compaction(new, src, dropped, changed=True)
 
@@ -247,6 +257,12 @@ def host_lengths(layout: Layout) -> list[int]:
     return layout.len_t.tolist()  # type: ignore[union-attr]
 
 
+def host_counts(layout: Layout) -> list[int]:
+    """Visual rows per image on the host: read from the device where the content decided them in a
+    static layout (`Layout.count_t`; statistics only, never in the forward)."""
+    return list(layout.counts) if layout.count_t is None else layout.count_t.tolist()
+
+
 def layer_counts(starts: dict[int, Layout], layers: int, lengths: list[int], spans: list[ImageSpan]
                  ) -> list[tuple[list[int], list[int]]]:
     """Per LLM layer, (rows per sample, visual rows per sample) of the layouts that start at each
@@ -257,7 +273,7 @@ def layer_counts(starts: dict[int, Layout], layers: int, lengths: list[int], spa
     out = []
     for i in range(layers):
         if i in starts:
-            cur = (host_lengths(starts[i]), per_sample(spans, starts[i].counts, batch))
+            cur = (host_lengths(starts[i]), per_sample(spans, host_counts(starts[i]), batch))
         out.append(cur)
     return out
 
@@ -279,7 +295,7 @@ class Applied:
 def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.Tensor, keep: torch.Tensor,
           counts: list[int], spans: list[ImageSpan], values: torch.Tensor | None = None,
           sizes: torch.Tensor | None = None, carried: torch.Tensor | None = None,
-          mix: torch.Tensor | None = None) -> Applied:
+          mix: torch.Tensor | None = None, counts_t: torch.Tensor | None = None) -> Applied:
     """Write a per-image selection into the layout and drop the rows it does not keep.
 
     rows / real: the images' flat row indices and which are selectable (`image_rows`, pinned tokens
@@ -287,6 +303,8 @@ def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.
     values / sizes: new features and sizes of kept slots (merging), or None.
     carried: (B, L, C) per-row features that follow the rows (Qwen3-VL's deepstack), combined by the
     merge's weights `mix` ((n_img, N, N), `Selection.mix`) where `values` are given.
+    counts_t: (n_img,) device counts of a reducer whose content decides them, in a static layout
+    (`counts` are then host upper bounds): the rows it drops become padding, no host read.
     """
     b, length = layout.shape
     idx = torch.where(real, rows, b * length).reshape(-1)  # slot b*L: a dump for non-selectable slots
@@ -308,8 +326,18 @@ def apply(layout: Layout, hidden: torch.Tensor, rows: torch.Tensor, real: torch.
             raise ValueError("merged values without their weights (Selection.mix) cannot carry features")
         slots = carried.reshape(b * length, -1)[rows].masked_fill(~real[..., None], 0)
         carried = scatter(carried, torch.bmm(mix.float(), slots.float()).to(carried.dtype))
-    comp = compact(dataclasses.replace(layout, size=size), keep_rows, drops)
+    drops_t = None
+    if counts_t is not None:
+        device = counts_t.device
+        pinned = torch.tensor([s.pinned for s in spans], dtype=torch.long, device=device)
+        before = layout.count_t if layout.count_t is not None else torch.tensor(layout.counts, dtype=torch.long,
+                                                                                  device=device)
+        owner = torch.tensor([s.sample for s in spans], dtype=torch.long, device=device)
+        drops_t = torch.zeros(b, dtype=torch.long, device=device).index_add(0, owner, before - pinned - counts_t)
+    comp = compact(dataclasses.replace(layout, size=size), keep_rows, drops, drops_t)
     comp.layout.counts = [k + s.pinned for k, s in zip(counts, spans)]
+    if counts_t is not None:
+        comp.layout.count_t = counts_t + pinned
     if comp.changed:
         hidden = gather_rows(hidden, comp.src, fill=0)
         carried = None if carried is None else gather_rows(carried, comp.src, fill=0)

@@ -101,14 +101,25 @@ def run_point(
                     "features this model adds to its visual rows inside the LLM (Qwen3-VL's deepstack) cannot "
                     "follow the merged tokens; use a pruning reducer, or give Selection.mix when "
                     "StageInput.want_mix is set")
+            counts_t = None
+            if layout.count_t is not None:
+                raise LayoutError(f"{reducer.name} acts after a reducer whose kept counts the content decides "
+                                  "on the device (a static layout); vtoken takes the static layout only when "
+                                  "such a reducer acts last")
             if reducer.adaptive:
                 if sel.counts is None:
                     raise LayoutError(f"adaptive reducer {reducer.name!r} must report Selection.counts")
-                keep = list(sel.counts)
+                if not isinstance(sel.counts, torch.Tensor):
+                    keep = list(sel.counts)
+                elif layout.static and reducer.device_counts:  # graph-safe: dropped rows become padding
+                    counts_t = sel.counts.to(device=device, dtype=torch.long)
+                else:
+                    keep = sel.counts.tolist()
             if reducer.adaptive or not _counts_tested(reducer):
-                _check_counts(reducer, sel.keep & valid, keep, on_device=layout.static)
+                _check_counts(reducer, sel.keep & valid, keep if counts_t is None else counts_t,
+                              on_device=layout.static)
             res = apply(layout, hidden, flat, valid, sel.keep, keep, spans, sel.values, sel.sizes,
-                        carried, sel.mix)
+                        carried, sel.mix, counts_t)
             merged = merged or res.merged
             hidden, carried = res.hidden, res.carried
             if not res.changed:
@@ -174,12 +185,14 @@ def resolve_tested(reducers: Sequence[Reducer]) -> None:
         _counts_tested(r)
 
 
-def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int], on_device: bool = False) -> None:
-    """Reducers whose selection is not declared tested are checked to keep exactly their budget. The
-    check reads device memory, which stalls the GPU pipeline; in a static (graph-safe) layout it is
-    an asynchronous device assertion instead."""
+def _check_counts(reducer: Reducer, keep: torch.Tensor, expected: list[int] | torch.Tensor,
+                  on_device: bool = False) -> None:
+    """Reducers whose selection is not declared tested are checked to keep exactly their budget (an
+    adaptive one: the counts it reports). The check reads device memory, which stalls the GPU pipeline;
+    in a static (graph-safe) layout it is an asynchronous device assertion instead."""
     if on_device:
-        want = torch.tensor(expected, dtype=torch.long, device=keep.device)
+        want = expected if isinstance(expected, torch.Tensor) else torch.tensor(expected, dtype=torch.long,
+                                                                                   device=keep.device)
         torch._assert_async((keep.sum(1) == want).all(), f"vtoken: reducer {reducer.name!r} did not keep "
                             "exactly its budget per image; Selection.keep must have exactly the budget set")
         return

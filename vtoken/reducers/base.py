@@ -81,7 +81,8 @@ class Selection:
     values: (n_img, N, d) replacement features, read at kept slots only (None: unchanged).
     sizes:  (n_img, N) how many original tokens each survivor stands for (None: unchanged).
     counts: reducers whose count depends on the content (`adaptive = True`) report the number of
-            True slots per image here; the budget is then an upper bound.
+            True slots per image here; the budget is then an upper bound. A (n_img,) tensor is read
+            back in an exact layout and stays on the device in a static one (`device_counts`).
     mix:    (n_img, N, N) for merges, when the input asks for it (`StageInput.want_mix`): row j holds
             the weight of every input slot in kept slot j's new value (a kept, unmerged slot: a one-hot
             row), so that per-token features carried beside the tokens (Qwen3-VL's deepstack) can be
@@ -91,7 +92,8 @@ class Selection:
     keep: torch.Tensor
     values: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
-    counts: list[int] | None = None  # adaptive reducers only: the kept count per image (host ints)
+    # adaptive reducers only: the kept count per image, host ints or (`Reducer.device_counts`) a device tensor
+    counts: list[int] | torch.Tensor | None = None
     mix: torch.Tensor | None = None
 
 
@@ -153,6 +155,9 @@ class Reducer:
     name: ClassVar[str] = ""
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = False  # the kept count depends on the content (Selection.counts)
+    # an adaptive decoder reducer that reports its counts as a device tensor, bounded by its budget: a
+    # static (graph-safe) layout keeps the bound's rows and pads what it drops (ToDRE's stage 2)
+    device_counts: ClassVar[bool] = False
     full_grid: ClassVar[bool] = False  # reads each image's whole token grid: must be the first to reduce
     grid_shape: ClassVar[bool] = False  # reads each image's rows and columns, not only its token count
     keeps_all: ClassVar[bool] = False  # never drops a token (composition checks ignore it)

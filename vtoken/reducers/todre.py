@@ -10,6 +10,7 @@ import torch
 
 from vtoken.errors import ParameterError, UnsupportedModelError
 from vtoken.ops.diversity import greedy_diverse
+from vtoken.ops.seeded import prepare, seeded_uniform
 from vtoken.reducers.base import (
     ModelInfo,
     Reducer,
@@ -52,6 +53,7 @@ class ToDREDiversity(Reducer):
     def __post_init__(self) -> None:
         super().__post_init__()  # selection / pivot among their values, seed an int: checked there
         check_range(self, "seed", -(2**63), 2**64, hi_open=True)
+        prepare(self.seed)  # the random pivot's scores, drawn outside any forward (vtoken.ops.seeded)
         if self.pivot == "cls":
             check_unused(self, ["seed"], "the seed draws the pivot only with pivot='random' or 'auto' on a tower "
                          "without CLS")
@@ -71,9 +73,7 @@ class ToDREDiversity(Reducer):
         if self.pivot == "cls":
             score = x.signal(self.signals()[0]).float()
         else:  # a fixed function of (seed, raster position), so batch composition does not matter
-            g = torch.Generator().manual_seed(self.seed)
-            table = torch.rand(max(h * w for h, w in x.grids), generator=g).to(x.features.device)
-            score = table[x.positions]
+            score = seeded_uniform(self.seed, max(h * w for h, w in x.grids), x.features.device)[x.positions]
         first = score.masked_fill(~x.valid, float("-inf")).argmax(1)
         mode = "maxmin" if self.selection == "kcenter" else "maxsum"
         reference = has_reference = None
@@ -101,6 +101,7 @@ class ToDRERelevance(Reducer):
     counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "decoder"
     adaptive: ClassVar[bool] = True
+    device_counts: ClassVar[bool] = True  # all or none per image: static layouts pad what it drops
     keep: int | float | None = 1.0
     tau: float = 0.10
     check_layer: int | None = None
@@ -141,7 +142,7 @@ class ToDRERelevance(Reducer):
         v2t = x.signal(v2t_req)[:, 0] if x.valid.shape[1] else x.valid.new_zeros(0)
         drop = (t2v < self.tau) & (v2t < self.tau)
         keep = x.valid & ~drop[:, None]
-        return Selection(keep=keep, counts=keep.sum(1).tolist())
+        return Selection(keep=keep, counts=keep.sum(1))  # on the device: read back only in an exact layout
 
 
 @register("todre")
