@@ -248,10 +248,21 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         self.handles.append(visual.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
         self.handles.append(visual.register_forward_hook(self._vision_post))
         reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_")]
-        for layer in sorted({self.vision_layer(r.layer) for r in reqs if r.kind != "vision_features"}):
-            blk = visual.blocks[layer]
-            self.handles.append(blk.register_forward_pre_hook(self._capture_rope(layer), with_kwargs=True))
-            self.handles.append(blk.attn.qkv.register_forward_hook(self._capture_qkv(layer)))
+        wanted = {self.vision_layer(r.layer) for r in reqs if r.kind != "vision_features"}
+        # (rope, qkv) of each captured block, moved into the run's capture when the tower returns.
+        # Every block gets the same two hooks (one code, one closure layout): a captured block's hooks
+        # write to its own slot, the others' to one shared scratch slot. torch.compile guards on a
+        # module's hooks (vtoken turns those guards on) and on the constants a hook reads, so hooks on
+        # some blocks only, or hooks that differ by a per-layer constant, would make dynamo retrace the
+        # tower's attention for each differing block and meet transformers' own graph break there
+        # (`lengths.tolist()`, the non-flash vision attention) once more per retrace.
+        self._block_slots: dict[int, list[Any]] = {layer: [None, None] for layer in sorted(wanted)}
+        self._block_scratch: list[Any] = [None, None]
+        if wanted:
+            for i, blk in enumerate(blocks):
+                slot = self._block_slots.get(i, self._block_scratch)
+                self.handles.append(blk.register_forward_pre_hook(_store_rope(slot), with_kwargs=True))
+                self.handles.append(blk.attn.qkv.register_forward_hook(_store_qkv(slot)))
         if any(r.kind == "vision_features" for r in reqs):
             self.handles.append(visual.merger.register_forward_pre_hook(self._capture_merger_input))
 
@@ -280,30 +291,23 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
 
     def _vision_post(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         cap = self.vision_capture
+        for layer, slot in self._block_slots.items():
+            if cap is not None:
+                cap[f"rope{layer}"], cap[f"qkv{layer}"] = slot
+            slot[0] = slot[1] = None
+        self._block_scratch[0] = self._block_scratch[1] = None
         if cap is None or cap["grids"] is None or cap["static"]:
             return  # a static prefill takes its images in order: no per-image features to match
         sizes = [h * w for h, w in cap["grids"]]
         cap["tokens"] = list(torch.split(output.pooler_output, sizes))
         cap["out_ptr"] = output.pooler_output.untyped_storage().data_ptr()  # to tell a video run later
 
-    def _capture_rope(self, layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            if self.vision_capture is not None:
-                self.vision_capture[f"rope{layer}"] = kwargs.get("position_embeddings")
-
-        return hook
-
-    def _capture_qkv(self, layer: int):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self.vision_capture is not None:
-                self.vision_capture[f"qkv{layer}"] = output
-
-        return hook
-
     def _capture_merger_input(self, module: nn.Module, args: tuple) -> None:
+        # Only kept here; its norm is applied when the signal is read. The tower's frame that calls the
+        # merger falls back to eager around transformers' graph breaks, so dynamo compiles this hook as
+        # a frame of its own: a tensor op here would be one more graph (one more break) than unpatched.
         if self.vision_capture is not None:
-            x = self._merger_norm(module)(args[0])
-            self.vision_capture["features"] = x.reshape(-1, x.shape[-1] * self.unit**2)
+            self.vision_capture["merger_input"] = args[0]
 
     def prepare_vision(self, embeds: torch.Tensor) -> None:
         """Match this prefill's images to the images of the last tower run by their features."""
@@ -379,7 +383,8 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
         per_image: list[torch.Tensor] = []
         unit = self.unit**2
         if req.kind == "vision_features":
-            feats = torch.split(cap["features"], sizes)
+            x = self._merger_norm(self.visual().merger)(cap["merger_input"])
+            feats = torch.split(x.reshape(-1, x.shape[-1] * unit), sizes)
             per_image = [_to_raster(f, o) for f, o in zip(feats, order)]
         else:
             layer = self.vision_layer(req.layer)
@@ -457,6 +462,20 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
             hid = visual.merger.hidden_size
             proj += linear_flops(h * w, [(hid, hid), (hid, self._merger_out(visual.merger))])
         return tower, proj
+
+
+def _store_rope(slot: list[Any]):
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        slot[0] = kwargs.get("position_embeddings")
+
+    return hook
+
+
+def _store_qkv(slot: list[Any]):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        slot[1] = output
+
+    return hook
 
 
 def _window_sizes(cu: torch.Tensor, sizes: list[int]) -> list[list[int]]:
