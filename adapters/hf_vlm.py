@@ -132,7 +132,11 @@ class HFVisionLanguageAdapter(Adapter):
         return 0, 0
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers))
+        return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers), llm=self.llm_kind())
+
+    def llm_kind(self) -> str:
+        """The language model's architecture: its config's model_type (e.g. "llama", "qwen2")."""
+        return str(getattr(self.text_config(), "model_type", ""))
 
     # --- installation ------------------------------------------------------------------------------
     def install_hooks(self) -> None:

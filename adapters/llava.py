@@ -75,7 +75,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             family=self.family, llm_layers=len(self.language_model().layers),
             vision_layers=len(self.vision_tower().encoder.layers), feature_layer=self.feature_layer(),
             has_cls=self.model.config.vision_feature_select_strategy == "default",
-            vision_tokens=h * w, prefix_tokens=1,
+            vision_tokens=h * w, prefix_tokens=1, llm=self.llm_kind(),
         )
 
     def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:

@@ -67,7 +67,8 @@ class QwenVLAdapter(HFVisionLanguageAdapter):
     def model_info(self) -> ModelInfo:
         return ModelInfo(family=self.family, llm_layers=len(self.language_model().layers),
                          vision_layers=len(self.visual().blocks), feature_layer=len(self.visual().blocks) - 1,
-                         has_cls=False, vision_tokens=None, prefix_tokens=0, tower="qwen-vit")
+                         has_cls=False, vision_tokens=None, prefix_tokens=0, tower="qwen-vit",
+                         llm=self.llm_kind())
 
     def _grids_from(self, thw: torch.Tensor) -> list[tuple[int, int]]:
         """The LLM token grid of every frame of every (t, h, w) entry, in order (an image: one frame).

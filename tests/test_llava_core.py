@@ -27,6 +27,8 @@ REDUCERS = [
     ("todre", {"keep": 9, "selection": "maxsum", "tau": 1.0}),  # tau 1: stage 2 drops every image
     ("transprune", {}),
     ("transprune", {"keep": 3, "renumber": True, "abs_direction": True}),
+    ("aim", {"keep": 9, "schedule": ((2, 0.5), (3, 0.25))}),
+    ("aim", {"merge": False, "schedule": ((1, 0.5),), "renumber": True}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}{v}' for k, v in p.items())}" for n, p in REDUCERS]
 

@@ -13,7 +13,7 @@ from vtoken.reducers.todre import ToDREDiversity
 SAMPLES = [[(60, 100)], [(56, 56), (90, 90)], []]  # 5 crops, 3 crops + 5 crops, no image
 REDUCERS = [("random", {"keep": 10}), ("pool", {"keep": 10}), ("fastv", {"keep": 0.5}), ("hiprune", {"keep": 10}),
             ("visionzip", {"keep": 10}), ("divprune", {"keep": 10}), ("todre", {"keep": 10}), ("transprune", {}),
-            ("tome", {"r": 3})]
+            ("tome", {"r": 3}), ("aim", {"keep": 10, "schedule": ((2, 0.5),)})]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from vtoken.eval.tiny import QWEN_IMAGE, QWEN_SPECIAL, qwen_continued, qwen_inpu
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 REDUCERS = [("random", {"keep": 8}), ("pool", {"keep": 6}), ("fastv", {"keep": 0.5}), ("hiprune", {"keep": 8}),
-            ("visionzip", {"keep": 8}), ("divprune", {"keep": 8}), ("todre", {"keep": 8}), ("transprune", {})]
+            ("visionzip", {"keep": 8}), ("divprune", {"keep": 8}), ("todre", {"keep": 8}), ("transprune", {}),
+            ("aim", {"keep": 8, "schedule": ((2, 0.5),)})]
 SAMPLES = [[(8, 12)], [(8, 8), (12, 8)], []]  # dynamic resolution: three image sizes, one sample without image
 IMAGES_OF = [[0], [1, 2], []]
 

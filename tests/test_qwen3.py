@@ -17,7 +17,8 @@ from vtoken.reducers.visionzip import VisionZip
 SAMPLES = [[(8, 12)], [(8, 8), (12, 8)], []]  # three image sizes, one sample without image
 IMAGES_OF = [[0], [1, 2], []]
 REDUCERS = [("random", {"keep": 4}), ("pool", {"keep": 6}), ("hiprune", {"keep": 8}), ("visionzip", {"keep": 8}),
-            ("fastv", {"keep": 0.5, "k": 1}), ("divprune", {"keep": 8})]  # fastv at k=1: inside deepstack
+            ("fastv", {"keep": 0.5, "k": 1}), ("divprune", {"keep": 8}),  # fastv at k=1: inside deepstack
+            ("aim", {"keep": 6, "prune": False})]  # aim's merged tokens carry merged deepstack rows
 DEEP = 2  # deepstack LLM layers of the tiny model (vision_layers=3: blocks 0 and 1 feed layers 0 and 1)
 
 

@@ -47,7 +47,8 @@ def test_visionzip_keeps_its_vision_capture_for_uncached_generate(family):
 @pytest.mark.parametrize("name", ["random", "hiprune"])
 def test_qwen_generate_with_an_image_and_a_video(kind, name):
     """B7: generate() encodes the image and the video in separate tower runs before the prefill; the
-    prompt's image is matched across both. Its video passes unreduced; the result equals a recompute."""
+    prompt's image is matched across both. The video is reduced too (its budget of 4 split over its two
+    frames); the result equals a recompute."""
     model = tiny_qwen(kind)
     g = torch.Generator().manual_seed(0)
     video = model.config.video_token_id
@@ -63,7 +64,8 @@ def test_qwen_generate_with_an_image_and_a_video(kind, name):
     with vtoken.patch(model, name, keep=4) as p, torch.no_grad():
         out = model.generate(**inp, max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
                              return_dict_in_generate=True, suppress_tokens=[QWEN_IMAGE, QWEN_START, QWEN_END, video])
-        assert p.stats.visual_tokens == [4]
+        assert p.stats.visual_tokens == [4 + 4]
+        assert [len(k) for k in p.kept_positions()] == [4, 2, 2]
         seq = out.sequences[:, :-1]
         full = dict(inp, input_ids=seq, attention_mask=torch.ones_like(seq), mm_token_type_ids=types(seq))
         with p.prompt(n):

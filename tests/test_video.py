@@ -13,7 +13,7 @@ KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # sample 0: an image and a 2-frame video; sample 1: a 3-frame video of another size; sample 2: text only
 SAMPLES = [[(8, 8), (2, 8, 12)], [(3, 8, 8)], []]
 REDUCERS = [("random", {"keep": 5}), ("pool", {"keep": 4}), ("hiprune", {"keep": 5}), ("visionzip", {"keep": 5}),
-            ("fastv", {"keep": 0.5}), ("divprune", {"keep": 5})]
+            ("fastv", {"keep": 0.5}), ("divprune", {"keep": 5}), ("aim", {"keep": 5, "schedule": ((2, 0.5),)})]
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -6,6 +6,7 @@ reducer's request is answered from it (the formulas live in `vtoken.signals`).
   model keeps SDPA / FlashAttention);
 - `llm_attention_pre`: the same for the layer about to run, from the hidden states entering it;
 - `llm_modality_mass`: ToDRE's cross-modal attention shares (Eq. 8);
+- `llm_pagerank`: AIM's PageRank importance over every prompt row's attention;
 - `ttv`: TransPrune's token transition variation, accumulated per original column by forward hooks
   on the attention and MLP sub-blocks of the accumulation layers.
 """
@@ -22,12 +23,13 @@ from vtoken.ledger import Layout, gather_rows
 from vtoken.reducers.base import Signal, SignalRequest
 from vtoken.signals.attention import instruction_rows, query_rows, received_from_queries, received_from_queries_flops
 from vtoken.signals.modality import modality_mass
+from vtoken.signals.pagerank import pagerank_flops, pagerank_importance
 from vtoken.signals.transition import token_transition
 
 if TYPE_CHECKING:
     from vtoken.adapters.hf_vlm import HFVisionLanguageAdapter
 
-ATTENTION_KINDS = ("llm_attention", "llm_modality_mass")  # read from q/k captured while the layer ran
+ATTENTION_KINDS = ("llm_attention", "llm_modality_mass", "llm_pagerank")  # from q/k captured as the layer ran
 
 
 class LLMSignals:
@@ -103,6 +105,8 @@ class LLMSignals:
             return Signal(self._attention_pre(req, layout), "rows")
         if req.kind == "llm_modality_mass":
             return Signal(self._modality_mass(req, layout), "rows")
+        if req.kind == "llm_pagerank":
+            return Signal(self._attention(req, layout), "rows")
         if req.kind == "ttv":
             if self.call.ttv is None:
                 raise SignalError("no TTV was accumulated before this point (check the accumulation layers)")
@@ -150,6 +154,8 @@ class LLMSignals:
                 "being reduced (another reducer acted in between); put the reducers at the same layer"
             )
         q_all = cap["q_proj"]
+        if req.kind == "llm_pagerank":
+            return self._pagerank(req, layout, q_all, cap["k_proj"], cap["position_embeddings"])
         return self._received(req.layer, req.query, layout, lambda idx: gather_rows(q_all, idx),
                               cap["k_proj"], cap["position_embeddings"])
 
@@ -179,6 +185,27 @@ class LLMSignals:
         if query == "visual":
             return max(self.adapter.per_sample(layout.counts, layout.shape[0]), default=0)
         return 1
+
+    def _pagerank(self, req: SignalRequest, layout: Layout, q_proj: torch.Tensor, k_proj: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, L) AIM's PageRank importance at layer `req.layer` over the prompt rows (every row a query)."""
+        tau, steps = req.params
+        q, k = self._roped(req.layer, q_proj, k_proj, position_embeddings)
+        self.call.signal_flops += pagerank_flops(q, int(steps))
+        prompt = self.prompt_rows(layout)
+        return pagerank_importance(q, k, prompt, self.adapter.layers[req.layer].self_attn.scaling, tau, int(steps))
+
+    def _roped(self, layer: int, q_proj: torch.Tensor, k_proj: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, L, hd) queries and (B, Hkv, L, hd) keys of every row with the layer's q/k norms and RoPE."""
+        attn = self.adapter.layers[layer].self_attn
+        b, length = k_proj.shape[:2]
+        hd = attn.head_dim
+        q, k = q_proj.view(b, length, -1, hd), k_proj.view(b, length, -1, hd)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = position_embeddings
+        return self.adapter.names.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
     def _received(self, layer: int, query: str, layout: Layout, q_of: Any, k_proj: torch.Tensor,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -92,6 +92,7 @@ def bipartite_plan(
     threshold: float | None = None,
     max_r: list[int] | None = None,
     min_r: list[int] | None = None,
+    unmerged: str = "index",
 ) -> tuple[MergePlan, torch.Tensor]:
     """ToMe bipartite soft matching (or DyMU threshold matching) for a batch.
 
@@ -103,7 +104,8 @@ def bipartite_plan(
     (count - protect) // 2); min_r: with a threshold, merge at least this many per image (the best
     proposals; vtoken's `keep` ceiling for DyMU). Returns the plan and each A token's best score
     (B, ceil(T/2)), -inf where it cannot merge (for calibration). Output: prefix, unmerged A (index
-    order), then B. Rows with fewer than two mergeable tokens are left as they are.
+    order; `unmerged="score"`: by descending best score, as AIM's code leaves them), then B. Rows with
+    fewer than two mergeable tokens are left as they are.
     """
     b, t, _ = metric.shape
     device = metric.device
@@ -139,7 +141,12 @@ def bipartite_plan(
     merged = free_a & (rank < torch.tensor(r_eff, device=device)[:, None])
     keep_a = free_a & ~merged
     n_unm = keep_a.sum(1, keepdim=True)
-    unm_slot = protect + keep_a.long().cumsum(1) - 1
+    if unmerged == "score":  # rank among the unmerged proposals (merged ones rank first)
+        unm_slot = protect + rank - torch.tensor(r_eff, device=device)[:, None]
+    elif unmerged == "index":
+        unm_slot = protect + keep_a.long().cumsum(1) - 1
+    else:
+        raise ValueError(f"unmerged must be 'index' or 'score', got {unmerged!r}")
     b_slot = protect + n_unm + free_b.long().cumsum(1) - 1
     dest_a = torch.where(merged, b_slot.gather(1, node_idx), unm_slot)
     dest_a = torch.where(free_a, dest_a, torch.where(real_a, pos_a[None].expand(b, ta), t))

@@ -1,5 +1,6 @@
 """Built-in reducers; importing this package registers them."""
 
+from vtoken.reducers.aim import AIM, AIMMerge, AIMPrune
 from vtoken.reducers.base import Reducer, Selection, SignalRequest, StageInput
 from vtoken.reducers.divprune import DivPrune
 from vtoken.reducers.dymu import DyMU
@@ -15,6 +16,9 @@ from vtoken.reducers.transprune import TransPrune
 from vtoken.reducers.visionzip import VisionZip
 
 __all__ = [
+    "AIM",
+    "AIMMerge",
+    "AIMPrune",
     "DivPrune",
     "DyMU",
     "FastV",

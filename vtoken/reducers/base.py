@@ -40,11 +40,15 @@ class SignalRequest:
         ToDRE). Side path from the layer's q/k.
       - ``"vision_keys"``: per patch, that layer's keys, mean over heads ((N, head_dim)).
       - ``"vision_features"``: per patch, the vision features the projector reads ((N, d_vision)).
+      - ``"llm_pagerank"``: PageRank importance of each row at LLM layer `layer` (AIM): the causal
+        attention of every prompt row with temperature, power-iterated (`vtoken.signals.pagerank`);
+        `params` = (tau, steps). Side path from the layer's captured q/k with its RoPE.
     """
 
     kind: str
     layer: int
     query: str = "last"
+    params: tuple[float, ...] = ()
 
 
 @dataclass
@@ -71,6 +75,7 @@ class ModelInfo:
     vision_tokens: int | None = None  # patch tokens per image entering the tower
     prefix_tokens: int = 1  # CLS / distillation / register tokens before the patches
     tower: str = "vit"  # vision tower kind: "vit" (CLIP / SigLIP / timm ViT) or "qwen-vit" (Qwen's windowed ViT)
+    llm: str = ""  # the language model's architecture (its config's model_type, e.g. "llama", "qwen2")
 
 
 @dataclass
@@ -370,6 +375,14 @@ def check_range(reducer: Reducer, name: str, lo: float | None = None, hi: float 
         right = "inf" if hi is None else repr(hi)
         interval = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
         raise error(f"{reducer.name}: {name} must lie in {interval}, got {value!r}")
+
+
+def shared_fields(composite: Reducer, part: type[Reducer], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A multi-stage reducer's values of the parameters one of its stages declares too (by name, so a
+    parameter a stage adds is handed over or a test fails): the stage's constructor arguments."""
+    mine = {f.name for f in dataclasses.fields(composite) if f.init}
+    return {f.name: getattr(composite, f.name) for f in dataclasses.fields(part)
+            if f.init and f.name in mine and f.name not in skip}
 
 
 def check_unused(reducer: Reducer, names: list[str], reason: str) -> None:

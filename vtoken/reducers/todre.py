@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -21,6 +20,7 @@ from vtoken.reducers.base import (
     StageInput,
     check_range,
     check_unused,
+    shared_fields,
 )
 from vtoken.registry import register
 
@@ -189,14 +189,9 @@ class ToDRE(Reducer):
         each parameter per stage: what a stage adds appears here by name, or a test fails)."""
         self._parts = []
         if self.stage1:
-            self._parts.append(ToDREDiversity(**self._share(ToDREDiversity)))
+            self._parts.append(ToDREDiversity(**shared_fields(self, ToDREDiversity)))
         if self.stage2:
-            self._parts.append(ToDRERelevance(**self._share(ToDRERelevance, skip=("keep",))))  # keep is stage 1's
-
-    def _share(self, part: type[Reducer], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-        mine = {f.name for f in dataclasses.fields(self) if f.init}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(part)
-                if f.init and f.name in mine and f.name not in skip}
+            self._parts.append(ToDRERelevance(**shared_fields(self, ToDRERelevance, skip=("keep",))))  # stage 1's
 
     def configure(self, info: ModelInfo) -> None:
         self._build()
