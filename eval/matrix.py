@@ -17,7 +17,7 @@ import vtoken
 REDUCERS = {"random": {"keep": 8}, "pool": {"keep": 8}, "fastv": {"keep": 8}, "hiprune": {"keep": 8},
             "visionzip": {"keep": 8}, "divprune": {"keep": 8}, "todre": {"keep": 8}, "transprune": {},
             "tome": {"r": 4}, "pitome": {"ratio": 0.8}, "dymu": {"thresholds": [0.2] * 32},
-            "tome+vtu": {"r": 4, "vtu": "expand"}, "aim": {"keep": 0.5}}
+            "tome+vtu": {"r": 4, "vtu": "expand"}, "aim": {"keep": 0.5}, "holitom": {"keep": 0.3}}
 
 
 def families():

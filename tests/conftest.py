@@ -94,3 +94,20 @@ def recompute_inputs(family: str, inp: dict[str, torch.Tensor], seq: torch.Tenso
     else:
         out["position_ids"] = positions(mask)
     return out
+
+
+def qwen_media_of(inp: dict[str, torch.Tensor], samples: list[list[tuple[int, ...]]],
+                  b: int) -> dict[str, torch.Tensor]:
+    """Sample b's pixels and grids (images and videos), cut out of a `qwen_media_inputs` batch of `samples`."""
+    out = {}
+    for pix, grid, video in (("pixel_values", "image_grid_thw", False),
+                             ("pixel_values_videos", "video_grid_thw", True)):
+        owners = [s for s, items in enumerate(samples) for it in items if (len(it) == 3) == video]
+        if b not in owners:
+            continue
+        sizes = inp[grid].prod(-1).tolist()
+        mine = [i for i, s in enumerate(owners) if s == b]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        out[pix] = torch.cat([inp[pix][starts[i]:starts[i] + sizes[i]] for i in mine])
+        out[grid] = inp[grid][mine]
+    return out

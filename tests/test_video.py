@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import qwen_media_of
 
 import vtoken
 from vtoken.eval.tiny import QWEN_IMAGE, QWEN_SPECIAL, QWEN_VIDEO, qwen_continued, qwen_media_inputs, tiny_qwen
@@ -78,25 +79,9 @@ def test_batch_with_ragged_frames_equals_alone(qwen, name, params):
             length = int(inp["attention_mask"][b].sum())
             for key in ("input_ids", "attention_mask", "mm_token_type_ids"):  # the batch's own tokens
                 alone[key] = inp[key][b:b + 1, -length:]
-            alone.update(media_of(inp, b))
+            alone.update(qwen_media_of(inp, SAMPLES, b))
             out = model(**alone).logits
             torch.testing.assert_close(together[b, -3:], out[0, -3:], atol=5e-5, rtol=1e-4)
-
-
-def media_of(inp, b):
-    """Sample b's pixels and grids, cut out of the batch's."""
-    out = {}
-    for pix, grid, mod in (("pixel_values", "image_grid_thw", 0), ("pixel_values_videos", "video_grid_thw", 1)):
-        owners = [s for s, items in enumerate(SAMPLES) for it in items if (len(it) == 3) == bool(mod)]
-        if b not in owners:
-            continue
-        thw = inp[grid]
-        sizes = thw.prod(-1).tolist()
-        mine = [i for i, s in enumerate(owners) if s == b]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        out[pix] = torch.cat([inp[pix][starts[i]:starts[i] + sizes[i]] for i in mine])
-        out[grid] = thw[mine]
-    return out
 
 
 @pytest.mark.parametrize("name,params", REDUCERS)

@@ -87,6 +87,7 @@ def run_point(
                 sizes=layout.size.reshape(-1)[flat],
                 grids=[s.grid for s in spans],
                 bases=[s.base for s in spans] if any(s.base is not None for s in spans) else None,
+                parts=[s.part for s in spans] if any(s.part is not None for s in spans) else None,
                 keep=keep,
                 layer=layer,
                 project=project,

@@ -75,7 +75,8 @@ def find_cache(kwargs: dict[str, Any], name: str) -> Any:
     transformers renamed the argument again, which must not pass as "no cache" (a decode step would
     be taken for a prefill): it raises instead.
     """
-    found = [k for k in dict.fromkeys((name, *CACHE_NAMES)) if kwargs.get(k) is not None]
+    keys = (name, *(k for k in CACHE_NAMES if k != name))  # a plain tuple: torch.compile traces it (no dict iterator)
+    found = [k for k in keys if kwargs.get(k) is not None]
     if len(found) > 1:
         raise UnsupportedModelError(f"the call passes the KV cache twice ({', '.join(sorted(found))}); pass it once")
     if found:

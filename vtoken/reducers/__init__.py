@@ -6,6 +6,7 @@ from vtoken.reducers.divprune import DivPrune
 from vtoken.reducers.dymu import DyMU
 from vtoken.reducers.fastv import FastV
 from vtoken.reducers.hiprune import HiPrune
+from vtoken.reducers.holitom import HoliTom, HoliTomInner, HoliTomMerge
 from vtoken.reducers.none import Identity
 from vtoken.reducers.pitome import PiToMe
 from vtoken.reducers.pool import Pool
@@ -23,6 +24,9 @@ __all__ = [
     "DyMU",
     "FastV",
     "HiPrune",
+    "HoliTom",
+    "HoliTomInner",
+    "HoliTomMerge",
     "Identity",
     "PiToMe",
     "Pool",

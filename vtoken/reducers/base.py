@@ -120,6 +120,8 @@ class StageInput:
                detail view of it (LLaVA-NeXT crops), else None; None when no image has one.
     want_mix:  features travel beside the tokens (Qwen3-VL's deepstack): a merging reducer must
                describe its merge as `Selection.mix`.
+    parts:     per image, (frame, frames) when it is one frame of a video (a video's frames are
+               consecutive images), else None; None when no image is a video frame.
     """
 
     features: torch.Tensor
@@ -132,6 +134,7 @@ class StageInput:
     project: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
     counts: list[int] | None = None  # host: selectable tokens per image (None: read from `valid`)
     bases: list[int | None] | None = None
+    parts: list[tuple[int, int] | None] | None = None  # per image: (frame, frames) of a video, else None
     want_mix: bool = False
     _signal: Callable[[SignalRequest], torch.Tensor] | None = field(repr=False, default=None)
 
