@@ -26,7 +26,9 @@ statistics and FLOPs `hf/accounting.py`.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +54,22 @@ class InstanceAttr:
     def remove(self) -> None:
         if self.owner.__dict__.get(self.name) is self.value:
             del self.owner.__dict__[self.name]
+
+
+def wrap_method(adapter: Adapter, owner: nn.Module, name: str, after: Callable[[dict[str, Any], Any], None]) -> None:
+    """Wrap the method `name` of `owner` on this instance (never its class): `after(arguments, output)`
+    sees each call's arguments by name and its output; `remove()` restores the original."""
+    original = compat.attribute(owner, name, adapter.family)
+    sig = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        after(sig.bind_partial(*args, **kwargs).arguments, out)
+        return out
+
+    setattr(owner, name, wrapper)
+    adapter.handles.append(InstanceAttr(owner, name, wrapper))
 
 
 class HFVisionLanguageAdapter(Adapter):

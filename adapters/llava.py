@@ -50,9 +50,22 @@ class LlavaAdapter(HFVisionLanguageAdapter):
     def grid(self) -> tuple[int, int]:
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
-        if self.model.config.vision_feature_select_strategy == "full":
-            return (1, side * side + 1)  # CLS kept: no 2-D grid
+        extra = self.extra_tokens()
+        if extra:
+            return (1, side * side + extra)  # CLS kept ("full"), or a patch dropped: no 2-D grid
         return (side, side)
+
+    def tower_prefix(self) -> int:
+        """Tokens the tower puts before its patches (CLIP: its CLS, 1; SigLIP: none), read from its
+        position table (1 where the embeddings do not say)."""
+        emb = self.vision_tower().embeddings
+        positions, patches = getattr(emb, "num_positions", None), getattr(emb, "num_patches", None)
+        return 1 if positions is None or patches is None else positions - patches
+
+    def extra_tokens(self) -> int:
+        """Tokens per tile reaching the projector beyond the patch grid: the "default" strategy drops the
+        tower's first token (CLS where it has one), "full" keeps them all."""
+        return self.tower_prefix() - (self.model.config.vision_feature_select_strategy == "default")
 
     def split_runs(self, inputs: dict[str, Any], runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """Adjacent images form one run of placeholders: split every run into images of N tokens."""
@@ -74,8 +87,8 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         return ModelInfo(
             family=self.family, llm_layers=len(self.language_model().layers),
             vision_layers=len(self.vision_tower().encoder.layers), feature_layer=self.feature_layer(),
-            has_cls=self.model.config.vision_feature_select_strategy == "default",
-            vision_tokens=h * w, prefix_tokens=1, llm=self.llm_kind(),
+            has_cls=self.tower_prefix() > 0 and self.model.config.vision_feature_select_strategy == "default",
+            vision_tokens=h * w, prefix_tokens=self.tower_prefix(), llm=self.llm_kind(),
         )
 
     def static_batch(self, inputs: dict[str, Any], batch: int, forced: bool) -> StaticBatch | None:
@@ -272,7 +285,7 @@ class LlavaAdapter(HFVisionLanguageAdapter):
             self.runtime.stats.vision_tokens = [sum(t) / len(t) for t in st.entering]
             proj = sum(linear_flops(c - 1, [(vc.hidden_size * n_feat, d), (d, d)]) for c in st.entering[-1])
             return tower, proj
-        tower = embed + stack_flops(spec, [patches + 1] * spec.layers)
-        rows = patches if self.model.config.vision_feature_select_strategy == "default" else patches + 1
+        tower = embed + stack_flops(spec, [patches + self.tower_prefix()] * spec.layers)
+        rows = patches + self.extra_tokens()
         proj = linear_flops(rows, [(vc.hidden_size * n_feat, d), (d, d)])
         return n_images * tower, n_images * proj

@@ -28,6 +28,8 @@ def families():
     yield "LLaVA-1.5", llava, {"input_ids": torch.tensor([ids, ids]), "pixel_values": torch.randn(2, 3, 84, 84)}
     nxt = tiny.tiny_llava_next()
     yield "LLaVA-NeXT", nxt, tiny.next_inputs(nxt, [[(60, 100)], [(90, 90)]])
+    ov = tiny.tiny_llava_onevision()
+    yield "LLaVA-OneVision", ov, tiny.onevision_inputs(ov, [[(60, 100)], [2]])  # an image; a 2-frame video
     for kind, label in (("qwen2_vl", "Qwen2-VL"), ("qwen2_5_vl", "Qwen2.5-VL"), ("qwen3_vl", "Qwen3-VL")):
         q = tiny.tiny_qwen(kind, vision_layers=3 if kind == "qwen3_vl" else 2)  # Qwen3-VL: 2 deepstack layers
         yield label, q, tiny.qwen_inputs([[(8, 12)], [(8, 8)]])

@@ -225,3 +225,80 @@ def next_inputs(model, samples: list[list[tuple[int, int]]], text: int = 4, seed
         out["pixel_values"] = pixels
         out["image_sizes"] = torch.tensor(sizes)
     return out
+
+
+OV_IMAGE, OV_VIDEO = 3, 4  # LLaVA-OneVision's image and video placeholder ids in the tiny vocabulary
+
+
+def tiny_llava_onevision(seed: int = 0, attn: str = "sdpa", llm_layers: int = 4,
+                         vision_aspect_ratio: str = "anyres_max_9", dtype: torch.dtype = torch.float32):
+    """A LLaVA-OneVision-shaped model for tests: SigLIP tower (no CLS, "full" features) on 56-px tiles of
+    4x4 patches, AnyRes crops up to 3x2 tiles, image_newline, videos pooled 2x2 per frame, Qwen2 LLM.
+    A small `vision_aspect_ratio` ("anyres_max_1") makes transformers shrink the crop grids bilinearly."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=56, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=llm_layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=OV_IMAGE,
+                                  video_token_id=OV_VIDEO, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio,
+                                  image_grid_pinpoints=[[56, 112], [112, 56], [112, 112], [168, 112]])
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, attn, seed, dtype)
+
+
+def onevision_inputs(model, samples: list[list[tuple[int, int] | int]], text: int = 4, seed: int = 0,
+                     side: str = "left") -> dict[str, torch.Tensor]:
+    """Inputs for tiny_llava_onevision: per sample a list of items, an image size (h, w) in pixels or a
+    video's frame count (an int; every video of a batch has the same count, as one tensor holds them).
+    An image gets its crops only when it is its sample's only image (`batch_num_images`, as the
+    processor sets it). Each item follows two text tokens; `text` instruction tokens end the prompt."""
+    from vtoken.adapters.hf.compat import anyres_helpers
+
+    num_patches = anyres_helpers("llava_onevision").num_patches
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    tile = cfg.vision_config.image_size
+    per_sample = [[it for it in items if not isinstance(it, int)] for items in samples]
+    sizes = [s for imgs in per_sample for s in imgs]
+    counts = [len(imgs) for imgs in per_sample]
+    tiles = [num_patches(s, cfg.image_grid_pinpoints, tile) for s in sizes]
+    frames = {it for items in samples for it in items if isinstance(it, int)}
+    if len(frames) > 1:
+        raise ValueError(f"one frame count per batch (pixel_values_videos is one tensor), got {sorted(frames)}")
+    out_px: dict[str, torch.Tensor] = {}
+    lengths = []
+    if sizes:
+        out_px["pixel_values"] = torch.randn(len(sizes), max(tiles), 3, tile, tile, generator=g)
+        out_px["image_sizes"] = torch.tensor(sizes)
+        out_px["batch_num_images"] = torch.tensor(counts)
+        with torch.no_grad():
+            packed = model.model.get_image_features(**out_px).pooler_output
+        lengths = [p.shape[0] for p in packed]
+    n_video = sum(isinstance(it, int) for items in samples for it in items)
+    video_len = 0
+    if n_video:
+        f = frames.pop()
+        out_px["pixel_values_videos"] = torch.randn(n_video, f, 3, tile, tile, generator=g)
+        side_ = -(-(tile // cfg.vision_config.patch_size) // 2)
+        video_len = f * side_ * side_ + 1
+    seqs, k = [], 0
+    for items in samples:
+        ids = [1]
+        for it in items:
+            ids += torch.randint(10, 120, (2,), generator=g).tolist()
+            if isinstance(it, int):
+                ids += [OV_VIDEO] * video_len
+            else:
+                ids += [OV_IMAGE] * lengths[k]
+                k += 1
+        ids += torch.randint(10, 120, (text,), generator=g).tolist()
+        seqs.append(ids)
+    return {**pad_batch(seqs, side), **out_px}

@@ -14,6 +14,7 @@ Tested range: `TESTED` (docs/compat.md says how to widen it).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -196,22 +197,22 @@ def vision_window_index() -> Callable[..., Any]:
 
 @dataclass(frozen=True)
 class AnyresHelpers:
-    """LLaVA-NeXT's anyres layout functions."""
+    """The anyres layout functions of LLaVA-NeXT (or a family that defines its own: LLaVA-OneVision)."""
 
     grid_shape: Callable[..., Any]
     num_patches: Callable[..., Any]
     unpad: Callable[..., Any]
 
 
-def anyres_helpers() -> AnyresHelpers:
+def anyres_helpers(family: str = "llava_next") -> AnyresHelpers:
     try:
-        from transformers.models.llava_next import modeling_llava_next as m
+        m = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     except ImportError as e:
-        raise _missing("transformers.models.llava_next is missing") from e
+        raise _missing(f"transformers.models.{family} is missing") from e
     try:
         return AnyresHelpers(m.get_anyres_image_grid_shape, m.image_size_to_num_patches, m.unpad_image)
     except AttributeError as e:
-        raise _missing(f"LLaVA-NeXT's anyres helper {e.name} is missing") from e
+        raise _missing(f"the anyres helper {e.name} of {family} is missing") from e
 
 
 def register_attention(name: str, fn: Callable[..., Any]) -> None:
