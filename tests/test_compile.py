@@ -15,7 +15,8 @@ import vtoken
 import vtoken.adapters
 from vtoken.eval.tiny import tiny_llava
 
-# reducers whose LLaVA prefill compiles whole: the fixed-budget ones; tome / pitome merge in the tower
+# reducers whose LLaVA prefill compiles whole: the fixed-budget ones (aim: its merge and its pruning
+# schedule fix every count); tome / pitome merge in the tower
 # with a schedule that fixes each image's count; todre's stage 2 keeps all or none of an image by its
 # attention ratios, on the device (what it drops becomes padding). DyMU decides its counts from the
 # content in the tower: it keeps the exact, host-read layout
@@ -23,6 +24,7 @@ STATIC = {
     "random": {"keep": 16}, "pool": {"keep": 16}, "fastv": {"keep": 16}, "hiprune": {"keep": 16},
     "visionzip": {"keep": 16}, "divprune": {"keep": 16}, "transprune": {},
     "todre": {"keep": 16}, "todre_stage1": {"keep": 16, "stage2": False}, "tome": {"r": 3}, "pitome": {"keep": 12},
+    "aim": {"keep": 16, "schedule": ((2, 0.5), (3, 0.25))},
 }
 
 
@@ -46,7 +48,7 @@ def unpatched_breaks() -> int:
     return _explain(model.eval(), inp)
 
 
-@pytest.mark.parametrize("name", ["random", "hiprune", "fastv", "visionzip", "tome", "pitome", "todre"])
+@pytest.mark.parametrize("name", ["random", "hiprune", "fastv", "visionzip", "tome", "pitome", "todre", "aim"])
 def test_patched_llava_has_the_unpatched_graph_breaks(name, unpatched_breaks):
     model, inp, _ = family_setup("llava")
     with _patch(model.eval(), name):

@@ -160,10 +160,14 @@ def test_ratio_one_and_no_inner_keeps_everything(qwen):
 
 
 def test_refusals_are_clear():
+    """A merge across a video's frames cannot carry Qwen3-VL's per-frame deepstack rows: refused; its
+    images pass the outer merge unchanged (the inner merge acts after the deepstack layers)."""
     model = tiny_qwen("qwen3_vl", vision_layers=3)
-    inp = qwen_media_inputs([[(2, 8, 8)]], "qwen3_vl")
-    with vtoken.patch(model, "holitom"), pytest.raises(vtoken.LayoutError, match="deepstack"):
-        model(**inp)
+    with vtoken.patch(model, "holitom") as p, torch.no_grad():
+        model(**qwen_media_inputs([[(8, 8)], [(8, 12)]], "qwen3_vl"))
+        assert [len(k) for k in p.kept_positions()] == [8, 12]  # inner merge: round(n * 0.5)
+        with pytest.raises(vtoken.LayoutError, match="deepstack"):
+            model(**qwen_media_inputs([[(2, 8, 8)]], "qwen3_vl"))
     with pytest.raises(vtoken.ParameterError, match="inner=False"):
         vtoken.get("holitom")(inner=False, ratio=0.3)
     with pytest.raises(vtoken.ParameterError, match="ratio"):

@@ -85,9 +85,11 @@ class HoliTomMerge(Reducer):
         keep = x.valid.clone()
         values, sizes = x.features.clone(), x.sizes.clone()
         counts = list(x.counts if x.counts is not None else x.valid.sum(1).tolist())
+        merged = False
         for ids in videos(x):
             if x.parts is None or x.parts[ids[0]] is None:
                 continue  # an image: HoliTom's outer merge is for videos
+            merged = True
             n = counts[ids[0]]
             if any(counts[i] != n or x.grids[i][0] * x.grids[i][1] != n for i in ids):
                 raise LayoutError("holitom merges a video's frames position by position: it must act first, on "
@@ -101,6 +103,8 @@ class HoliTomMerge(Reducer):
             sizes[rows, slots] = szs.to(sizes.dtype)
             for j, i in enumerate(ids):
                 counts[i] = int(kept[j].sum())
+        if not merged:  # images only: nothing changes (no merge weights needed, e.g. Qwen3-VL's deepstack)
+            return Selection(keep=keep, counts=counts)
         return Selection(keep=keep, values=values, sizes=sizes, counts=counts)
 
     def _video(self, feats: torch.Tensor, attention: torch.Tensor, ratio: float
