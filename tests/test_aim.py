@@ -89,6 +89,8 @@ def test_merge_passes_follow_the_authors_counts():
     assert merge_passes(196, 49) == [98, 49]  # LLaVA-OneVision video frames: 25 %
     assert merge_passes(576, 252) == [288, 36]  # LLaVA-1.5 images: the code's 43.75 % default
     assert merge_passes(576, 72) == [288, 144, 72]  # its 12.5 % alternative
+    assert merge_passes(196, None) == [98, 49]  # the default: the authors' r = n // 2, then n // 4
+    assert merge_passes(729, None) == [364, 182]  # 183 left, as their code leaves (not a 25 % target)
     assert merge_passes(10, 10) == []
     assert merge_passes(576, 0, (288, 36)) == [288, 36]
     assert merge_passes(10, 0, (8, 8)) == [5, 2]  # each pass clamped to half the tokens

@@ -149,6 +149,20 @@ def test_batch_equals_each_sample_alone_and_cached_decode_equals_recompute(qwen,
         assert sum(kept[1:4]) < 3 * 24 and sum(kept[4:]) < 4 * 16
 
 
+def test_an_int_keep_is_the_videos_total_budget(qwen):
+    """keep=18 on a 3-frame video of 24 tokens is the retain ratio 18 / 72 = 0.25 (and 4 frames of 16:
+    0.28125): the same tokens as the float ratio."""
+    kind, model = qwen
+    inp = qwen_media_inputs([[(3, 8, 12)], [(4, 8, 8)]], kind, seed=3)
+    counts = {}
+    for keep in (18, 0.25):
+        with vtoken.patch(model, "holitom", keep=keep, tau=0.9, inner=False) as p, torch.no_grad():
+            model(**inp)
+            counts[keep] = [k.tolist() for k in p.kept_positions()]
+    assert counts[18][:3] == counts[0.25][:3]
+    assert sum(len(k) for k in counts[18][:3]) < 72
+
+
 def test_ratio_one_and_no_inner_keeps_everything(qwen):
     kind, model = qwen
     inp = qwen_media_inputs(SAMPLES, kind, seed=1)

@@ -56,14 +56,22 @@ def media_of(inp, samples, b):
 
 def newline_columns(model, inp):
     """(sample, column) of every image_newline feature the model scatters into the prompt."""
+    cfg = model.config  # given explicitly: transformers < 5.2x does not fill a direct call from the config
+    kw = dict(vision_feature_layer=cfg.vision_feature_layer,
+              vision_feature_select_strategy=cfg.vision_feature_select_strategy)
     with torch.no_grad():
         feats = []
         if "pixel_values" in inp:
             out = model.model.get_image_features(inp["pixel_values"], inp["image_sizes"],
-                                                 batch_num_images=inp["batch_num_images"])
+                                                 batch_num_images=inp["batch_num_images"],
+                                                 vision_aspect_ratio=cfg.vision_aspect_ratio, **kw)
             feats += [("img", f) for f in out.pooler_output]
         if "pixel_values_videos" in inp:
-            feats += [("vid", f) for f in model.model.get_video_features(inp["pixel_values_videos"]).pooler_output]
+            nl = model.model.image_newline
+            for f in model.model.get_video_features(inp["pixel_values_videos"], **kw).pooler_output:
+                if not (f[-1] == nl).all():  # transformers < 5.2x adds the video's newline in forward, not here
+                    f = torch.cat([f, nl[None].to(f)])
+                feats.append(("vid", f))
     nl = model.model.image_newline
     cols = []
     for kind, token in (("img", OV_IMAGE), ("vid", OV_VIDEO)):

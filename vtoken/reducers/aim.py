@@ -37,11 +37,14 @@ _REFERENCE = {"qwen": (28, 14), "llama": (32, 13)}
 _STEPS = 8
 
 
-def merge_passes(n: int, keep: int, r: Sequence[int] | None = None) -> list[int]:
-    """Tokens removed by each merging pass for an image of n tokens: the explicit per-pass `r`, or
-    passes halving the tokens (r = t // 2, at most t - keep) until `keep` remain (AIM's 196 -> 98 -> 49
-    per video frame; 576 -> 288 -> 252 for LLaVA-1.5). Each pass is clamped to t // 2."""
+def merge_passes(n: int, keep: int | None, r: Sequence[int] | None = None) -> list[int]:
+    """Tokens removed by each merging pass for an image of n tokens: the explicit per-pass `r`; or
+    passes halving the tokens (r = t // 2, at most t - keep) until `keep` remain (576 -> 288 -> 252 for
+    LLaVA-1.5's 43.75 %); or, with neither, the authors' video default r = n // 2 then n // 4 (196 -> 98
+    -> 49 per LLaVA-OneVision frame, 729 -> 365 -> 183). Each pass is clamped to t // 2."""
     out, t = [], n
+    if r is None and keep is None:
+        r = (n // 2, n // 4)
     if r is not None:
         for x in r:
             x = min(x, t // 2)
@@ -64,13 +67,14 @@ class AIMMerge(Reducer):
     cosine-similar B token; the r best A tokens merge into theirs), each merged token the plain mean
     of its B token and the A tokens assigned to it (no size weighting: a mean of means across
     passes), unmerged A tokens ordered by descending similarity before the B tokens for the next
-    pass (as the code leaves them). `keep` tokens per image remain (default 0.25: the authors' two
-    halving passes, 196 -> 49 per frame); `r` gives the per-pass counts instead. Every survivor keeps
+    pass (as the code leaves them). By default two passes merge n // 2 then n // 4 tokens (the authors'
+    video setting: 196 -> 49 per frame); `keep` (tokens per image, reached by halving passes) or `r`
+    (per-pass counts) instead. Every survivor keeps
     its own slot and position id (the code renumbers 0..N-1: `renumber=True`)."""
 
     counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
-    keep: int | float | None = None  # None: 0.25, unless `r` is given
+    keep: int | float | None = None  # None (and no `r`): the authors' two passes, n // 2 then n // 4
     r: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -81,13 +85,11 @@ class AIMMerge(Reducer):
             self.r = _int_tuple(self, "r", self.r)
             if not self.r or any(x < 1 for x in self.r):
                 raise ParameterError(f"aim: r must be one or more positive per-pass counts, got {self.r!r}")
-        elif self.keep is None:
-            self.keep = 0.25
         super().__post_init__()
 
     def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
-        if self.r is not None:
-            return n - sum(merge_passes(n, 0, self.r))
+        if self.keep is None:
+            return n - sum(merge_passes(n, None, self.r))
         k = resolve_keep(scaled(self.keep, share), n)
         if k < n and n - sum(merge_passes(n, k)) != k:  # pragma: no cover - merge_passes reaches any k >= 1
             raise BudgetError(f"aim: cannot merge {n} tokens down to {k}")
@@ -109,7 +111,7 @@ class AIMMerge(Reducer):
             ids = torch.tensor(members, device=device)[:, None]
             src = order[ids[:, 0], :n]  # (g, n) slot of each of the image's tokens
             at, val, size, weights = merge_tokens(x.features[ids, src], x.sizes[ids, src],
-                                                   merge_passes(n, k, self.r))
+                                                   merge_passes(n, None if self.keep is None else k, self.r))
             slot = src.gather(1, at)
             keep[ids, slot] = True
             values[ids, slot] = val.to(values.dtype)
@@ -198,7 +200,7 @@ class AIMPrune(Reducer):
 
     def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
         entry = n if entry is None else entry
-        k = math.floor(entry * dict(self.schedule or ())[layer])
+        k = math.floor(entry * dict(self.schedule or ())[layer] + 1e-9)  # rates like 1 - j / span: no ulp loss
         return min(k, n)
 
     def select(self, x: StageInput) -> Selection:
@@ -214,7 +216,7 @@ class AIM(Reducer):
     switched off (`merge=False` / `prune=False`) for the paper's ablations."""
 
     stage: ClassVar[Stage] = "boundary"
-    keep: int | float | None = None  # None: 0.25 (the merge's budget; unused without merging)
+    keep: int | float | None = None  # the merge's budget (None: the authors' two passes; unused without merging)
     r: tuple[int, ...] | None = None
     schedule: tuple[tuple[int, float], ...] | None = None
     tau: float = 0.1
@@ -224,8 +226,6 @@ class AIM(Reducer):
     _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.merge is True and self.keep is None and self.r is None:
-            self.keep = 0.25
         if self.r is not None and self.keep is not None:
             raise ParameterError(f"aim: give keep={self.keep!r} (tokens left per image) or r={self.r!r} "
                                  "(tokens merged per pass), not both")

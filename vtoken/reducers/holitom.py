@@ -96,8 +96,10 @@ class HoliTomMerge(Reducer):
                                   "whole frames of one size")
             rows = torch.tensor(ids, device=keep.device)[:, None]
             slots = x.positions[rows[:, 0], :n].argsort(dim=1)  # each frame's slots in raster order
-            budget = self.keep * len(ids) * n if isinstance(self.keep, float) else sum(x.keep[i] for i in ids)
-            kept, vals, szs = self._video(x.features[rows, slots], attention[rows, slots], budget / (len(ids) * n))
+            # the retain ratio r: a float keep is r itself; an int keep is the video's total budget (the
+            # stage hands each frame the whole count, as this reducer's budget is only an upper bound)
+            ratio = self.keep if isinstance(self.keep, float) else self.keep / (len(ids) * n)
+            kept, vals, szs = self._video(x.features[rows, slots], attention[rows, slots], ratio)
             keep[rows, slots] = kept
             values[rows, slots] = vals.to(values.dtype)
             sizes[rows, slots] = szs.to(sizes.dtype)
@@ -113,7 +115,7 @@ class HoliTomMerge(Reducer):
         f, n, _ = feats.shape
         static = static_table(frame_similarity(feats) > self.tau)
         parts, reduced = segment(static, self.max_window)
-        r = min(ratio * f * n / (f * n - reduced), 1.0)
+        r = min(ratio / ((f * n - reduced) / (f * n)), 1.0)  # the authors' expression (same rounding)
         kept = torch.zeros(f, n, dtype=torch.bool, device=feats.device)
         values, sizes = feats.clone(), torch.ones(f, n, device=feats.device)
         for a, e in parts:
@@ -125,11 +127,11 @@ class HoliTomMerge(Reducer):
                 where = torch.nonzero(mask).flatten()
                 mean = feats[a:e + 1, where].float().mean(0)
                 centres, assign = dpc_knn(mean, clusters, min(self.k, clusters))
-                merged, weights = merge_into_centres(mean, centres, assign, self.beta)
+                merged, _ = merge_into_centres(mean, centres, assign, self.beta)
                 pos = where[centres]
                 kept[a, pos] = True
                 values[a, pos] = merged.to(values.dtype)
-                sizes[a, pos] = width * (weights > 0).sum(-1).float()
+                sizes[a, pos] = width * torch.bincount(assign, minlength=len(centres)).float()
             n_dyn = n - n_static
             if n_dyn:
                 take = math.ceil(n_dyn * r)
