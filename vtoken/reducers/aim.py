@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -18,6 +18,7 @@ from vtoken.ops.merge import bipartite_plan, merge, merge_sizes
 from vtoken.ops.select import topk_mask
 from vtoken.reducers.base import (
     ModelInfo,
+    MultiStage,
     Reducer,
     Selection,
     Share,
@@ -210,7 +211,7 @@ class AIMPrune(Reducer):
 
 @register("aim")
 @dataclass
-class AIM(Reducer):
+class AIM(MultiStage):
     """AIM: merging before the LLM (`aim_merge`, budget `keep` per image or video frame, or per-pass
     `r`), then PageRank pruning inside it (`aim_prune`, `schedule`, `tau`, `steps`); either stage can be
     switched off (`merge=False` / `prune=False`) for the paper's ablations."""
@@ -223,7 +224,6 @@ class AIM(Reducer):
     steps: int = 5
     merge: bool = True
     prune: bool = True
-    _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.r is not None and self.keep is not None:
@@ -240,8 +240,6 @@ class AIM(Reducer):
             check_unused(self, ["schedule", "tau", "steps"], "the pruning's settings, and prune=False switches it off")
         self._build()
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
-        raise NotImplementedError("aim acts through its parts (aim_merge, aim_prune)")
 
     def _build(self) -> None:
         self._parts = []
@@ -249,14 +247,6 @@ class AIM(Reducer):
             self._parts.append(AIMMerge(**shared_fields(self, AIMMerge)))
         if self.prune:
             self._parts.append(AIMPrune(**shared_fields(self, AIMPrune, skip=("keep",))))  # keep is the merge's
-
-    def configure(self, info: ModelInfo) -> None:
-        self._build()
-        for p in self._parts:
-            p.configure(info)
-
-    def parts(self) -> list[Reducer]:
-        return list(self._parts)
 
 
 def _int_tuple(reducer: Reducer, name: str, value: Any) -> tuple[int, ...]:

@@ -265,6 +265,29 @@ class Reducer:
         return f"{self.name}({params}) [{where}]"
 
 
+@dataclass
+class MultiStage(Reducer):
+    """A method that acts in several stages (ToDRE, AIM, HoliTom): it installs as one reducer per stage
+    (`_build` makes them from this one's parameters, e.g. with `shared_fields`), each configured for
+    the model; it never selects itself."""
+
+    _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
+        raise NotImplementedError(f"{self.name} acts through its parts ({', '.join(p.name for p in self._parts)})")
+
+    def configure(self, info: ModelInfo) -> None:
+        self._build()
+        for p in self._parts:
+            p.configure(info)
+
+    def parts(self) -> list[Reducer]:
+        return list(self._parts)
+
+
 def scaled(keep: Keep, share: Share) -> Keep:
     """An int budget scaled by a share (at least 1 token); fractions are unchanged. A share
     (frame, frames) is one frame of a video whose int budget is split evenly over its frames (the

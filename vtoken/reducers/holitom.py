@@ -5,7 +5,7 @@ merging before the LLM, and similarity merging inside it."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -17,6 +17,7 @@ from vtoken.ops.select import topk_mask
 from vtoken.ops.temporal import frame_similarity, segment, static_table
 from vtoken.reducers.base import (
     ModelInfo,
+    MultiStage,
     Reducer,
     Selection,
     Share,
@@ -222,7 +223,7 @@ def fold_into_kept(h: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor) -
 
 @register("holitom")
 @dataclass
-class HoliTom(Reducer):
+class HoliTom(MultiStage):
     """HoliTom: merging before the LLM (`holitom_merge`: `keep`, `tau`, `beta`, `k`, `max_window`) and
     inside it (`holitom_inner`: `layer_k`, `ratio`); `inner=False` is the paper's "w/o M" variant."""
 
@@ -235,7 +236,6 @@ class HoliTom(Reducer):
     layer_k: int | None = None
     ratio: float = 0.5
     inner: bool = True
-    _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,18 +243,10 @@ class HoliTom(Reducer):
             check_unused(self, ["layer_k", "ratio"], "the inner merge's settings, and inner=False switches it off")
         self._build()
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
-        raise NotImplementedError("holitom acts through its parts (holitom_merge, holitom_inner)")
 
     def _build(self) -> None:
         self._parts = [HoliTomMerge(**shared_fields(self, HoliTomMerge))]
         if self.inner:
             self._parts.append(HoliTomInner(**shared_fields(self, HoliTomInner, skip=("keep",))))
 
-    def configure(self, info: ModelInfo) -> None:
-        self._build()
-        for p in self._parts:
-            p.configure(info)
 
-    def parts(self) -> list[Reducer]:
-        return list(self._parts)

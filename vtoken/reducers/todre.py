@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -12,6 +12,7 @@ from vtoken.ops.diversity import greedy_diverse
 from vtoken.ops.seeded import prepare, seeded_uniform
 from vtoken.reducers.base import (
     ModelInfo,
+    MultiStage,
     Reducer,
     Selection,
     Share,
@@ -147,7 +148,7 @@ class ToDRERelevance(Reducer):
 
 @register("todre")
 @dataclass
-class ToDRE(Reducer):
+class ToDRE(MultiStage):
     """ToDRE: stage 1 (`todre_diversity`, budget `keep`) then stage 2 (`todre_relevance`); each stage
     can be switched off (`stage1=False` / `stage2=False`) for the paper's ablations."""
 
@@ -161,7 +162,6 @@ class ToDRE(Reducer):
     check_layer: int | None = None
     stage1: bool = True
     stage2: bool = True
-    _parts: list[Reducer] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.stage1 is True and self.keep is None:
@@ -181,8 +181,6 @@ class ToDRE(Reducer):
             check_unused(self, ["tau", "check_layer"], "stage 2 settings, and stage2=False switches it off")
         self._build()
 
-    def budget(self, n: int, layer: int | None = None, entry: int | None = None, share: Share = 1.0) -> int:
-        raise NotImplementedError("todre acts through its parts (todre_diversity, todre_relevance)")
 
     def _build(self) -> None:
         """The stages, each given this reducer's values of its own parameters (one declaration of
@@ -193,10 +191,4 @@ class ToDRE(Reducer):
         if self.stage2:
             self._parts.append(ToDRERelevance(**shared_fields(self, ToDRERelevance, skip=("keep",))))  # stage 1's
 
-    def configure(self, info: ModelInfo) -> None:
-        self._build()
-        for p in self._parts:
-            p.configure(info)
 
-    def parts(self) -> list[Reducer]:
-        return list(self._parts)
