@@ -189,3 +189,14 @@ def test_refusals_are_clear():
     with pytest.raises(vtoken.ParameterError, match="tau"):
         vtoken.get("holitom")(tau=2.0)
     assert math.isclose(vtoken.get("holitom")().keep, 0.1)  # the code's RETAIN_RATIO
+
+
+def test_bf16_video_runs_and_generates():
+    model = tiny_qwen("qwen2_vl", dtype=torch.bfloat16)
+    inp = qwen_media_inputs(SAMPLES, "qwen2_vl", seed=2)
+    inp = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inp.items()}
+    with vtoken.patch(model, "holitom", keep=0.3, tau=0.5) as p, torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, suppress_tokens=QWEN_SPECIAL)
+        assert sum(len(k) for k in p.kept_positions()[1:4]) < 3 * 24
+    assert torch.isfinite(torch.stack(out.logits, 1).float()).all()

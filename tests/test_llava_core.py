@@ -449,19 +449,21 @@ def test_images_in_continued_cache_are_refused(llava):
             run(llava, input_ids=ids, pixel_values=pixels(1), **{CACHE: cache_of(out)})
 
 
-def test_bf16_runs_and_keeps_cache_consistency():
+@pytest.mark.parametrize(("name", "params", "last"), [("fastv", {"keep": 9}, [9, 18, 0]),
+                                                    ("aim", {"keep": 9, "schedule": ((2, 0.5),)}, [4, 8, 0])])
+def test_bf16_runs_and_keeps_cache_consistency(name, params, last):
     model = tiny_llava(seed=2, dtype=torch.bfloat16)
     batch, _, px = ragged_batch()
     px = px.to(torch.bfloat16)
     prompt_len = batch["input_ids"].shape[1]
-    with vtoken.patch(model, "fastv", keep=9) as p:
+    with vtoken.patch(model, name, **params) as p:
         out = gen(model, **batch, pixel_values=px)
         seq = out.sequences
         mask = torch.cat([batch["attention_mask"], torch.ones(3, seq.shape[1] - prompt_len, dtype=torch.long)], 1)
         with p.prompt(prompt_len):
             full = run(model, input_ids=seq[:, :-1], attention_mask=mask[:, :-1], pixel_values=px,
                        position_ids=positions(mask[:, :-1]), use_cache=False).logits
-        assert p.stats.visual_per_layer[-1] == [9, 18, 0]
+        assert p.stats.visual_per_layer[-1] == last
     steps = torch.stack(out.logits, 1).float()
     assert torch.isfinite(steps).all()
     # bf16 kernels differ between cached and full passes; compare the distributions loosely
