@@ -80,7 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not info.get("trained", True):
         print(f"note: {ref} has random weights (no trained Shapes model in assets/): accuracy is chance level; "
               "tokens, FLOPs and latency are real.", file=sys.stderr)
-    batches = runner.make_batches(proc, args.task, args.limit, args.batch_size, args.seed)
+    try:
+        batches = runner.make_batches(proc, args.task, args.limit, args.batch_size, args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     common = dict(task=args.task, limit=args.limit, batch_size=args.batch_size, seed=args.seed, batches=batches)
     records = []
     reference = runner.evaluate(model, proc, "none", {}, **common) if not args.no_baseline else None

@@ -40,7 +40,10 @@ CHAT_TEMPLATE = (  # "USER: <image> question ASSISTANT:" (content as a string or
     "{{ c['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
 )
 QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|><|image_pad|><|vision_end|> ")
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(  # images and videos (the moving-shapes task)
+    "{% if c['type'] == 'image' %}<image> ",
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> ")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY = "tiny-llava-shapes"
 TINY_QWEN = "tiny-qwen2vl-shapes"
@@ -215,7 +218,7 @@ def load(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
     return model.to(device=device, dtype=dtype).eval(), proc, info
 
 
-def prompt_text(processor: Any, question: str) -> str:
-    """The model's prompt for one Shapes question (its chat template with one image)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def prompt_text(processor: Any, question: str, media: str = "image") -> str:
+    """The model's prompt for one Shapes question (its chat template with one image, or one video)."""
+    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)

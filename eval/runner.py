@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 import vtoken
 from vtoken.eval.models import prompt_text
-from vtoken.eval.shapes import CATEGORIES, ShapesVQA
+from vtoken.eval.shapes import CATEGORIES, ShapesVideoQA, ShapesVQA
 
-TASKS = ("shapes",)
+TASKS = ("shapes", "shapes-video")  # shapes-video: moving shapes, 4 frames (models with video inputs: Qwen2-VL)
 
 
 @dataclass
@@ -44,16 +44,31 @@ def make_batches(processor: Any, task: str = "shapes", limit: int = 200, batch_s
     """Tokenised batches of the task's first `limit` questions (built once, reused across configs)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-    ds = ShapesVQA(split, n=limit, seed=seed)
+    video = task == "shapes-video"
+    if video and getattr(processor, "video_processor", None) is None:
+        raise ValueError("the shapes-video task needs a model whose processor takes videos (a Qwen2-VL Shapes "
+                         "model, e.g. --model tiny-qwen2vl-shapes)")
+    ds = ShapesVideoQA(split, n=limit, seed=seed) if video else ShapesVQA(split, n=limit, seed=seed)
     out = []
     for i in range(0, limit, batch_size):
         items = [ds[j] for j in range(i, min(limit, i + batch_size))]
+        media = ({"videos": [list(s.frames) for s in items]} if video
+                 else {"images": [Image.fromarray(s.image) for s in items]})
         inputs = processor(
-            images=[Image.fromarray(s.image) for s in items],
-            text=[prompt_text(processor, s.question) for s in items],
+            **media,
+            text=[prompt_text(processor, s.question, "video" if video else "image") for s in items],
             return_tensors="pt", padding=True,
         )
         out.append(Batch(dict(inputs), [s.answer for s in items], [s.category for s in items]))
+    return out
+
+
+def _to(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A batch on the model's device, its pixels (images or videos) in the model's dtype."""
+    out = {k: v.to(device) for k, v in inputs.items()}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in out:
+            out[key] = out[key].to(dtype)
     return out
 
 
@@ -99,9 +114,7 @@ def evaluate(
     with vtoken.patch(model, reducer, **(params or {})) as patch:
         described = patch.describe()
         for b in tqdm(batches, desc=f"{name}", disable=not progress, leave=False):
-            inputs = {k: v.to(device) for k, v in b.inputs.items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            inputs = _to(b.inputs, device, dtype)
             out = _generate(model, inputs, 1)
             preds = tok.batch_decode(out[:, -1:], skip_special_tokens=True)
             for p, a, c in zip(preds, b.answers, b.categories):
@@ -145,9 +158,7 @@ def _timing(model: Any, batches: list[Batch], device: torch.device, dtype: torch
         return None, None
     firsts, rates = [], []
     for b in batches:
-        inputs = {k: v.to(device) for k, v in b.inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs = _to(b.inputs, device, dtype)
         _generate(model, inputs, 1)  # warm-up
         _sync(device)
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ identical on every machine.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -293,6 +294,81 @@ class ShapesVQA:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return sample(self.split, i, self.seed, size=self.size)
+
+
+VIDEO_CATEGORIES = ("color", "shape", "count", "exist")  # questions a moving scene leaves true in every frame
+
+
+@dataclass
+class VideoSample:
+    """One moving-shapes item: `frames` is (F, size, size, 3) uint8 RGB; `objects` are frame 0's."""
+
+    frames: np.ndarray
+    question: str
+    answer: str
+    category: str
+    objects: list[Obj] = field(default_factory=list)
+    uid: str = ""
+
+
+def _moves(rng: np.random.Generator, objs: list[Obj], frames: int, size: int) -> list[tuple[float, float]] | None:
+    """A constant velocity (px per frame) per object that keeps it inside the image in every frame."""
+    out = []
+    for o in objs:
+        m = 1.25 * o.r + 3
+        for _ in range(20):
+            angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(6, 14)
+            vx, vy = speed * np.cos(angle), speed * np.sin(angle)
+            ex, ey = o.x + vx * (frames - 1), o.y + vy * (frames - 1)
+            if m <= ex <= size - m and m <= ey <= size - m:
+                out.append((float(vx), float(vy)))
+                break
+        else:
+            return None
+    return out
+
+
+def video_sample(split: str, index: int, seed: int = 0, frames: int = 4, size: int = SIZE,
+                 category: str | None = None) -> VideoSample:
+    """Item `index` of the moving-shapes video task: a scene whose objects glide at constant speeds over
+    `frames` frames (the background stays), with a question that holds in every frame (colour, shape,
+    count, existence; the image task's vocabulary). A video smoke test for the runner, not a benchmark
+    of temporal reasoning."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    cat = category or VIDEO_CATEGORIES[index % len(VIDEO_CATEGORIES)]
+    for attempt in range(100):
+        rng = np.random.default_rng([seed, SPLITS[split], index, attempt, frames])
+        objs = _place(rng, int(rng.integers(1, 7)), size, text_p=0.0)
+        moves = _moves(rng, objs, frames, size) if objs else None
+        qa = _question(cat, objs, rng) if moves is not None else None
+        if qa is None:
+            continue
+        state = rng.bit_generator.state  # every frame draws the same background
+        video = []
+        for f in range(frames):
+            rng.bit_generator.state = state
+            moved = [dataclasses.replace(o, x=o.x + vx * f, y=o.y + vy * f) for o, (vx, vy) in zip(objs, moves)]
+            video.append(render(moved, rng, size))
+        return VideoSample(np.stack(video), qa[0], qa[1], cat, objs, uid=f"video-{split}-{seed}-{index}")
+    raise RuntimeError(f"could not build a {cat} video question for {split}/{index}")
+
+
+class ShapesVideoQA:
+    """A split of the moving-shapes video task (generated on access, deterministic)."""
+
+    def __init__(self, split: str = "test", n: int = 100, seed: int = 0, frames: int = 4, size: int = SIZE) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        self.split, self.n, self.seed, self.frames, self.size = split, n, seed, frames, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> VideoSample:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return video_sample(self.split, i, self.seed, self.frames, self.size)
 
 
 def vocabulary() -> list[str]:

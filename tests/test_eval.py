@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vtoken.eval import cli
-from vtoken.eval.shapes import CATEGORIES, COLORS, SIZE, ShapesVQA, _mask, sample
+from vtoken.eval.shapes import CATEGORIES, COLORS, SIZE, VIDEO_CATEGORIES, ShapesVQA, _mask, sample, video_sample
 
 
 def test_generation_is_deterministic_and_split_dependent():
@@ -77,6 +77,7 @@ def test_run_end_to_end_writes_a_record(tmp_path, capsys):
     (["run", "--model", "tiny-llava-shapes", "--reducer", "fastvv"], "Did you mean"),
     (["run", "--model", "tiny-llava-shapes", "--reducer", "random", "--keep", "0"], "at least one"),
     (["run", "--model", "tiny-llava-shapes", "--reducer", "random", "--keep", "999", "--limit", "2"], "only 576"),
+    (["run", "--model", "tiny-llava-shapes", "--task", "shapes-video", "--limit", "2"], "takes videos"),
 ])
 def test_run_bad_input_exits_2_with_a_message(argv, msg, capsys):
     assert cli.main(argv) == 2
@@ -131,3 +132,36 @@ def test_run_on_the_qwen_shapes_geometry(tmp_path, capsys):
     rec = json.loads(out.read_text().splitlines()[-1])
     assert rec["metrics"]["visual_tokens"] == {"mean": 64.0, "min": 64, "max": 64}  # of 144 per image
     assert rec["metrics"]["flops_pct"] < 100
+
+
+def test_video_objects_glide_over_a_fixed_background():
+    """Each frame draws the same background and every object, shifted by its constant velocity, in its
+    colour; the frames differ; the question's category is one a moving scene keeps true; deterministic."""
+    for i in range(12):
+        v = video_sample("test", i)
+        assert v.frames.shape == (4, SIZE, SIZE, 3) and v.category in VIDEO_CATEGORIES
+        assert np.array_equal(v.frames, video_sample("test", i).frames)
+        assert not np.array_equal(v.frames[0], v.frames[-1])
+        for f in range(1, 4):
+            assert not np.array_equal(v.frames[f], v.frames[f - 1])  # every frame moves something
+        for o in v.objects:  # frame 0: the objects as listed, in their colours
+            m = _mask(o, 0, 0, SIZE, SIZE)
+            assert (v.frames[0][m] == COLORS[o.color]).all(-1).mean() > 0.5
+        still = np.ones((SIZE, SIZE), dtype=bool)
+        for f in range(1, 4):
+            still &= (v.frames[f] == v.frames[0]).all(-1)
+        assert still.mean() > 0.5  # most of the picture is the unchanging background
+        if v.question.startswith("how many objects"):
+            assert v.answer == str(len(v.objects))
+
+
+def test_run_the_video_task_on_the_qwen_shapes_geometry(tmp_path):
+    """`vtoken run --task shapes-video`: 4-frame videos (2 temporal patches of 144 tokens) through HoliTom."""
+    out = tmp_path / "v.jsonl"
+    assert cli.main(["run", "--model", "tiny-qwen2vl-shapes", "--task", "shapes-video", "--reducer", "holitom",
+                     "--keep", "0.25", "--param", "tau=0.5", "--limit", "4", "--batch-size", "2",
+                     "--out", str(out)]) == 0
+    holitom = json.loads(out.read_text().splitlines()[-1])
+    assert holitom["config"]["task"] == "shapes-video" and holitom["config"]["reducer"] == "holitom"
+    assert 60 <= holitom["metrics"]["visual_tokens"]["mean"] <= 80  # about a quarter of 288 (content-dependent)
+    assert holitom["metrics"]["flops_pct"] < 100
