@@ -50,7 +50,7 @@ def reference_passes(x: torch.Tensor, passes: list[int]):
 
 
 def run_merge(x: torch.Tensor, passes: list[int]):
-    at, vals, sizes, w = merge_tokens(x[None], torch.ones(1, len(x), dtype=torch.float64), passes)
+    at, vals, sizes, w = merge_tokens(x[None], torch.ones(1, len(x), dtype=torch.float64), passes, with_weights=True)
     return vals[0], at[0].tolist(), w[0], sizes[0]
 
 

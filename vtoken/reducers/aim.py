@@ -92,9 +92,7 @@ class AIMMerge(Reducer):
         if self.keep is None:
             return n - sum(merge_passes(n, None, self.r))
         k = resolve_keep(scaled(self.keep, share), n)
-        if k < n and n - sum(merge_passes(n, k)) != k:  # pragma: no cover - merge_passes reaches any k >= 1
-            raise BudgetError(f"aim: cannot merge {n} tokens down to {k}")
-        return k
+        return k  # halving passes reach any k >= 1
 
     def select(self, x: StageInput) -> Selection:
         m, n_max, _ = x.features.shape
@@ -112,7 +110,8 @@ class AIMMerge(Reducer):
             ids = torch.tensor(members, device=device)[:, None]
             src = order[ids[:, 0], :n]  # (g, n) slot of each of the image's tokens
             at, val, size, weights = merge_tokens(x.features[ids, src], x.sizes[ids, src],
-                                                   merge_passes(n, None if self.keep is None else k, self.r))
+                                                   merge_passes(n, None if self.keep is None else k, self.r),
+                                                   with_weights=mix is not None)
             slot = src.gather(1, at)
             keep[ids, slot] = True
             values[ids, slot] = val.to(values.dtype)
@@ -123,15 +122,16 @@ class AIMMerge(Reducer):
         return Selection(keep=keep, values=values, sizes=sizes, mix=mix)
 
 
-def merge_tokens(feats: torch.Tensor, sizes: torch.Tensor, passes: list[int]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_tokens(feats: torch.Tensor, sizes: torch.Tensor, passes: list[int], with_weights: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """AIM's passes on (m, n, d) tokens: each survivor's input index (m, k) in output order, its value
-    (m, k, d), size and weights over the n inputs (m, k, n). Each pass matches on the current tokens."""
+    (m, k, d), size, and (`with_weights`, for features carried beside the tokens) its weights over the
+    n inputs (m, k, n), else None. Each pass matches on the current tokens."""
     m, n, _ = feats.shape
     device = feats.device
     work = torch.promote_types(feats.dtype, torch.float32)
     at = torch.arange(n, device=device).expand(m, n)
-    weights = torch.eye(n, device=device, dtype=work).expand(m, n, n)
+    weights = torch.eye(n, device=device, dtype=work).expand(m, n, n) if with_weights else None
     x = feats
     for r in passes:
         t = x.shape[1]
@@ -143,6 +143,8 @@ def merge_tokens(feats: torch.Tensor, sizes: torch.Tensor, passes: list[int]
         stays[:, ::2] = plan.dest[:, ::2] < plan.length - t // 2
         own = torch.zeros(m, plan.length + 1, dtype=torch.long, device=device)
         at = own.scatter_(1, torch.where(stays, plan.dest, plan.length), at)[:, :-1]
+        if weights is None:
+            continue
         step = torch.zeros(m, plan.length + 1, t, device=device, dtype=work)
         step.scatter_(1, plan.dest[:, None, :], 1.0)
         step = step[:, :-1] / step[:, :-1].sum(-1, keepdim=True)  # each output: the plain mean of its inputs

@@ -104,8 +104,8 @@ class HoliTomMerge(Reducer):
             keep[rows, slots] = kept
             values[rows, slots] = vals.to(values.dtype)
             sizes[rows, slots] = szs.to(sizes.dtype)
-            for j, i in enumerate(ids):
-                counts[i] = int(kept[j].sum())
+            for i, c in zip(ids, kept.sum(1).tolist()):  # one read per video (the counts are the content's)
+                counts[i] = c
         if not merged:  # images only: nothing changes (no merge weights needed, e.g. Qwen3-VL's deepstack)
             return Selection(keep=keep, counts=counts)
         return Selection(keep=keep, values=values, sizes=sizes, counts=counts)
