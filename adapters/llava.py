@@ -154,14 +154,18 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         reqs = [r for r in self.runtime.signals if r.kind.startswith("vision_") or r.kind == "encoder_groups"]
         if not reqs:
             return
-        if self.model.config.vision_feature_select_strategy != "default":
-            raise SignalError("vision signals need vision_feature_select_strategy='default' (CLS dropped)")
+        self.check_vision_signals(reqs)
         for layer in sorted({self.vision_layer(r.layer) for r in reqs if r.kind != "vision_features"}):
             attn = tower.encoder.layers[layer].self_attn
             for name in ("q_proj", "k_proj"):
                 self.handles.append(getattr(attn, name).register_forward_hook(self._capture(f"{name}{layer}")))
         proj = self.part("projector")
         self.handles.append(proj.register_forward_hook(self._capture_projector))
+
+    def check_vision_signals(self, reqs: list[SignalRequest]) -> None:
+        """Refuse vision signals this layout cannot map to the LLM's tokens (here: only CLS dropped)."""
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise SignalError("vision signals need vision_feature_select_strategy='default' (CLS dropped)")
 
     def _patch_slots(self) -> torch.Tensor:
         """(n, N) row of the projector's input/output holding each patch after encoder merging."""

@@ -1,19 +1,25 @@
 """LLaVA-OneVision: AnyRes images (crops only for a sample's only image, the bilinear shrink of large crop
 grids, pinned row-end newlines) and videos (pooled frames as spans, the video's int budget split over
-them); batches equal each sample alone, cached decoding equals a recompute; tower reducers refused."""
+them); batches equal each sample alone, cached decoding equals a recompute; the tower's attention resampled
+as the tokens are (HoliTom); other tower reducers refused."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import torch
 
 import vtoken
 from vtoken.eval.tiny import OV_IMAGE, OV_VIDEO, onevision_inputs, tiny_llava_onevision
+from vtoken.reducers.base import Reducer, Selection, SignalRequest
 
 # sample 0: a cropped image and a 3-frame video; 1: two images (no crops); 2: a video; 3: text only
 SAMPLES = [[(60, 100), 3], [(90, 90), (56, 56)], [3], []]
 REDUCERS = [("random", {"keep": 8}), ("pool", {"keep": 8}), ("fastv", {"keep": 8}), ("divprune", {"keep": 8}),
-            ("aim", {"keep": 8, "schedule": ((2, 0.5),)}), ("todre", {"keep": 8}), ("transprune", {})]
+            ("aim", {"keep": 8, "schedule": ((2, 0.5),)}), ("todre", {"keep": 8}), ("transprune", {}),
+            ("holitom", {"keep": 0.5, "layer_k": 2})]
 SUPPRESS = [OV_IMAGE, OV_VIDEO]
 
 
@@ -255,3 +261,81 @@ def test_bf16_runs():
         out = model.generate(**inp, max_new_tokens=3, do_sample=False, pad_token_id=0, suppress_tokens=SUPPRESS)
         assert out.shape[1] == inp["input_ids"].shape[1] + 3
         assert p.stats.visual_tokens == [20, 16, 8, 0]
+
+
+@dataclass
+class AttentionProbe(Reducer):
+    """Keeps every token and records the tower attention it is given (read as HoliTom reads it)."""
+
+    stage: ClassVar[str] = "boundary"
+    resampled_attention: ClassVar[bool] = True
+    keep: float = 1.0
+    layer: int = -1
+    seen: dict = field(default_factory=dict)
+
+    def signals(self):
+        return (SignalRequest("vision_attention", self.layer, "all"),)
+
+    def select(self, x):
+        self.seen["attention"] = x.signal(self.signals()[0])
+        self.seen["parts"] = x.parts
+        return Selection(keep=x.valid.clone())
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_tower_attention_is_resampled_as_transformers_resamples_the_tokens(layer):
+    """Per span, the attention its tokens receive in the tower (eager attentions, mean over heads and
+    queries), put through transformers' own packing: a tile as is, a crop grid unpadded and shrunk
+    (`pack_image_features`), a frame pooled 2x2 (`apply_pooling`)."""
+    model = tiny_llava_onevision(attn="eager", vision_aspect_ratio="anyres_max_1")
+    samples = [[(150, 100), 3], [(56, 56), (90, 90)], [3]]
+    inp = onevision_inputs(model, samples, seed=8)
+    probe = AttentionProbe(layer=layer)
+    with vtoken.patch(model, probe) as p, torch.no_grad():
+        base = model(**inp).logits
+        spans = p.runtime.last_spans
+    with torch.no_grad():
+        ref = model(**inp).logits
+        tower = model.model.vision_tower
+        n_crops = [len(t) for t in inp["pixel_values"]]
+        px = inp["pixel_values"]
+        tiles = [px[0], px[1, :1], px[2, :1]]  # crops only for a sample's lone image
+
+        def received(t):  # (tiles, patches, 1): mean over heads and query rows
+            return tower(t, output_attentions=True).attentions[layer].mean(1).mean(1)[..., None]
+
+        att = [received(t) for t in tiles]
+        packed, _ = model.model.pack_image_features(att[:1], inp["image_sizes"][:1], image_newline=None,
+                                                    vision_aspect_ratio="anyres_max_1")
+        video = inp["pixel_values_videos"].flatten(0, 1)
+        frames = model.model.apply_pooling(received(video))
+    assert n_crops[0] > 1
+    torch.testing.assert_close(base, ref)  # keeping everything changes nothing
+    image0 = packed[0][:, 0]
+    want = [image0[:16], image0[16:], *frames[:3, :, 0], att[1][0, :, 0], att[2][0, :, 0], *frames[3:, :, 0]]
+    got = probe.seen["attention"]
+    assert got.shape[0] == len(want) == len(spans)
+    for g, w, span in zip(got, want, spans):  # a crop grid's row-end newlines (inner -1) have no attention
+        grid = [q for q in range(span.n) if span.inner is None or span.inner[q] >= 0]
+        torch.testing.assert_close(g[grid], w, atol=1e-6, rtol=1e-5)
+
+
+def test_holitom_merges_each_video_with_the_pooled_tower_attention(model):
+    """HoliTom on OneVision videos: frames merged per video (the count follows the content), images
+    unchanged by the outer merge, a keep-all budget with nothing similar keeps every token."""
+    inp = onevision_inputs(model, SAMPLES, seed=1)
+    with vtoken.patch(model, "holitom", keep=1.0, tau=1.0, inner=False), torch.no_grad():
+        same = model(**inp).logits
+    with torch.no_grad():
+        ref = model(**inp).logits
+    torch.testing.assert_close(same, ref)  # tau = 1: no token is similar across frames; r' = 1: all kept
+    with vtoken.patch(model, "holitom", keep=0.5, tau=-1.0, inner=False) as p, torch.no_grad():
+        model(**inp)
+        kept = [len(k) for k in p.kept_positions()]
+        spans = p.runtime.last_spans
+    # tau = -1: every token is static through each whole 3-frame video; r' = min(0.5 * 12 / 4, 1) = 1, so
+    # the 4 positions are kept once, in the first frame, and the other frames keep nothing
+    frames = [k for k, s in zip(kept, spans) if s.part is not None]
+    assert frames == [4, 0, 0, 4, 0, 0]
+    images = [k for k, s in zip(kept, spans) if s.part is None]
+    assert images == [s.n for s in spans if s.part is None] and len(images) == 4  # every image token, newlines too

@@ -174,6 +174,9 @@ class Reducer:
     counts_tested: ClassVar[bool] = False
     order: ClassVar[int] = 0  # among the reducers of one reduction point: lower runs first
     internal: ClassVar[bool] = False  # a step vtoken adds itself (not listed in Patch.reducers / describe)
+    # reads the tower's attention resampled as the LLM's tokens are (LLaVA-OneVision's bilinear pooling),
+    # as its authors do; reducers without it are refused where LLM tokens are not tower patches
+    resampled_attention: ClassVar[bool] = False
     keep: Keep | None = None
     renumber: bool = False
 

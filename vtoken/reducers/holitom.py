@@ -62,6 +62,9 @@ class HoliTomMerge(Reducer):
     counts_tested: ClassVar[bool] = True
     stage: ClassVar[Stage] = "boundary"
     adaptive: ClassVar[bool] = True
+    # the authors pool the tower's attention map as the tokens are pooled (LLaVA-OneVision: bilinear 2x2),
+    # so it runs where each LLM token is a resample of tower patches
+    resampled_attention: ClassVar[bool] = True
     keep: int | float | None = 0.1
     tau: float = 0.8
     beta: float = 0.6
