@@ -5,8 +5,11 @@
         --tasks mme --device cuda --output_path runs/lmms
 
 `base` names an lmms-eval model (llava_hf — also LLaVA-NeXT / OneVision checkpoints —, qwen2_vl,
-qwen2_5_vl, ...; its simple class). Every model arg that is a parameter of the reducer goes to the
-reducer; the rest go to the base model unchanged, so every lmms-eval task works as with the base.
+qwen2_5_vl, qwen3_vl, ...; its simple class) that holds a Hugging Face transformers model: lmms-eval's
+`llava` and `llava_onevision` wrappers run the original LLaVA(-NeXT) code base (the `llava` package)
+and are refused, with llava_hf named in their place (docs/lmms-eval.md). Every model arg that is a
+parameter of the reducer goes to the reducer; the rest go to the base model unchanged, so every
+lmms-eval task works as with the base.
 Requests are served one at a time so that vtoken's statistics (visual tokens entering the LLM,
 FLOPs by part, reducer time) are recorded per document; with `stats_out` they are written as JSONL
 next to lmms-eval's results. Generated text is trimmed by the base class with the *original* prompt
@@ -36,6 +39,12 @@ def manifest():
     return ModelManifest(model_id="vtoken", simple_class_path="vtoken.eval.lmms.VTokenModel")
 
 
+# lmms-eval wrappers whose model comes from the original LLaVA / LLaVA-NeXT code base (`from llava.model.builder
+# import load_pretrained_model`), not from transformers: nothing vtoken can patch. llava_hf loads the transformers
+# checkpoints of both families (llava-hf/llava-1.5-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf).
+LLAVA_PACKAGE_BASES = ("llava", "llava_onevision")
+
+
 def _base_class():
     from lmms_eval.api.model import lmms
 
@@ -51,6 +60,12 @@ class VTokenModel(_base_class()):  # type: ignore[misc]
                  **kwargs: Any) -> None:
         super().__init__()
         from lmms_eval.models import get_model
+
+        if base in LLAVA_PACKAGE_BASES:
+            raise ValueError(
+                f"base={base}: lmms-eval's {base} wrapper runs the original LLaVA-NeXT `llava` package's model, "
+                "not a Hugging Face transformers model vtoken can patch; use base=llava_hf with a transformers "
+                "checkpoint (e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf, llava-hf/llava-1.5-7b-hf)")
 
         try:
             cls = vtoken.get(reducer) if reducer else None

@@ -32,18 +32,22 @@ from vtoken.eval.shapes import SIZE, vocabulary
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
 PROMPT = "USER: <image> {question} ASSISTANT:"
-CHAT_TEMPLATE = (  # "USER: <image> question ASSISTANT:" (content as a string or a list of parts)
+CHAT_TEMPLATE = (  # "USER: <image> question ASSISTANT:" (content as a string or a list of parts); system
+    # messages (lmms-eval's Qwen wrappers send one) are left out: the Shapes models are trained without one
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} ASSISTANT:"
-    "{% else %} {% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{{ c['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+    "{% elif m['role'] != 'system' %} {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
 )
 QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(  # images and videos (the moving-shapes task)
     "{% if c['type'] == 'image' %}<image> ",
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
     "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> ")
+ONEVISION_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(  # LLaVA-OneVision: "<image>" / "<video>" placeholders
+    "{% if c['type'] == 'image' %}<image> ",
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> ")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY = "tiny-llava-shapes"
 TINY_QWEN = "tiny-qwen2vl-shapes"
@@ -77,35 +81,105 @@ def build_processor(image_size: int = SIZE, patch_size: int = 14) -> LlavaProces
     )
 
 
-def build_qwen_processor(image_size: int = SIZE) -> Any:
-    """Qwen2-VL processor for Shapes: 336 px -> 24x24 patches -> 144 merged tokens per image."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # transformers model types of the Qwen VL families
 
+
+def _qwen_family(kind: str) -> tuple[int, str, str]:
+    """(patch size, config class, processor class) of a Qwen VL family: Qwen3-VL has 16-px patches."""
+    families = {"qwen2_vl": (14, "Qwen2VLConfig", "Qwen2VLProcessor"),
+                "qwen2_5_vl": (14, "Qwen2_5_VLConfig", "Qwen2_5_VLProcessor"),
+                "qwen3_vl": (16, "Qwen3VLConfig", "Qwen3VLProcessor")}
+    if kind not in families:
+        raise ValueError(f"unknown Qwen VL family {kind!r}; one of {QWEN_KINDS}")
+    return families[kind]
+
+
+def build_qwen_processor(image_size: int = SIZE, kind: str = "qwen2_vl") -> Any:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor for Shapes: images resized to about `image_size`^2
+    pixels in multiples of 2 patches: 336 px -> 24x24 patches of 14 px -> 144 merged tokens (Qwen3-VL:
+    352 px -> 22x22 patches of 16 px -> 121 tokens)."""
+    import transformers
+
+    patch, _, processor = _qwen_family(kind)
     pixels = image_size * image_size
-    geometry = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=14, merge_size=2,
+    geometry = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch, merge_size=2,
                     temporal_patch_size=2)
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**geometry),
-                            video_processor=Qwen2VLVideoProcessor(**geometry),
-                            tokenizer=build_tokenizer(QWEN_SPECIALS), chat_template=QWEN_CHAT_TEMPLATE)
+    if kind == "qwen3_vl":  # its video sizes bound a whole clip's pixels: up to 16 frames keep the image geometry
+        clip = dict(geometry, size={"shortest_edge": 4 * (2 * patch) ** 2, "longest_edge": 16 * pixels})
+        video = transformers.Qwen3VLVideoProcessor(**clip, do_sample_frames=False)
+    else:
+        video = transformers.Qwen2VLVideoProcessor(**geometry)
+    return getattr(transformers, processor)(
+        image_processor=transformers.Qwen2VLImageProcessor(**geometry), video_processor=video,
+        tokenizer=build_tokenizer(QWEN_SPECIALS), chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def onevision_pinpoints(image_size: int = SIZE) -> list[list[int]]:
+    """AnyRes grids of LLaVA-OneVision for Shapes: 1x1 to 2x2 tiles (a square Shapes image is one tile)."""
+    return [[image_size * h, image_size * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2))]
+
+
+def build_onevision_processor(image_size: int = SIZE, patch_size: int = 14) -> Any:
+    """LLaVA-OneVision processor for Shapes: SigLIP-normalised `image_size` tiles, AnyRes up to 2x2 tiles;
+    a 336-px image -> base tile + one crop tile of 24x24 patches + 24 newlines = 1176 tokens."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    norm = dict(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(image_grid_pinpoints=onevision_pinpoints(image_size), **norm),
+        video_processor=LlavaOnevisionVideoProcessor(**norm), tokenizer=build_tokenizer(["<video>"]),
+        num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", chat_template=ONEVISION_CHAT_TEMPLATE)
+
+
+def onevision_config(vocab_size: int, tok: Any, vision: tuple[int, int, int] = (6, 384, 6),
+                     llm: tuple[int, int, int, int] = (4, 384, 6, 2), image_size: int = SIZE) -> Any:
+    """A LLaVA-OneVision config: SigLIP (layers, width, heads) without CLS or head, last layer's features
+    ("full"), AnyRes with image_newline, videos pooled 2x2; Qwen2 LLM (layers, width, heads, kv heads)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vl, vd, vh = vision
+    ll, ld, lh, lkv = llm
+    vc = SiglipVisionConfig(hidden_size=vd, intermediate_size=4 * vd, num_hidden_layers=vl, num_attention_heads=vh,
+                            image_size=image_size, patch_size=14, vision_use_head=False)
+    tc = Qwen2Config(hidden_size=ld, intermediate_size=4 * ld, num_hidden_layers=ll, num_attention_heads=lh,
+                     num_key_value_heads=lkv, vocab_size=vocab_size, max_position_embeddings=4096, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                video_token_id=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                image_grid_pinpoints=onevision_pinpoints(image_size))
 
 
 def qwen_config(vocab_size: int, tok: Any, vision: tuple[int, int, int] = (6, 384, 6),
-                llm: tuple[int, int, int, int] = (4, 384, 6, 2)) -> Any:
-    """A Qwen2-VL config: vision (depth, width, heads) with 2x2 merger; Qwen2 LLM (layers, width,
-    heads, kv heads) with M-RoPE."""
-    from transformers import Qwen2VLConfig
+                llm: tuple[int, int, int, int] = (4, 384, 6, 2), kind: str = "qwen2_vl") -> Any:
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL config: vision (depth, width, heads) with 2x2 merger (Qwen2.5-VL:
+    windowed attention but in the last block; Qwen3-VL: learned positions, deepstack features of every
+    vision block but the last); Qwen2 / Qwen3 LLM (layers, width, heads, kv heads) with M-RoPE
+    (interleaved on Qwen3-VL)."""
+    import transformers
 
+    patch, config, _ = _qwen_family(kind)
     vl, vd, vh = vision
     ll, ld, lh, lkv = llm
     half = ld // lh // 2
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    return Qwen2VLConfig(
-        text_config=dict(hidden_size=ld, intermediate_size=4 * ld, num_hidden_layers=ll, num_attention_heads=lh,
-                         num_key_value_heads=lkv, vocab_size=vocab_size, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
-        vision_config=dict(depth=vl, embed_dim=vd, hidden_size=ld, num_heads=vh, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    text = dict(hidden_size=ld, intermediate_size=4 * ld, num_hidden_layers=ll, num_attention_heads=lh,
+                num_key_value_heads=lkv, vocab_size=vocab_size, max_position_embeddings=2048,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_parameters=rope)
+    tower = dict(depth=vl, num_heads=vh, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if kind == "qwen2_vl":
+        tower.update(embed_dim=vd, hidden_size=ld)
+    else:
+        tower.update(hidden_size=vd, intermediate_size=4 * vd, out_hidden_size=ld)
+    if kind == "qwen2_5_vl":
+        tower.update(window_size=112, fullatt_block_indexes=[vl - 1])  # 112-px windows, as Qwen2.5-VL's
+    if kind == "qwen3_vl":
+        tower.update(num_position_embeddings=(SIZE // patch) ** 2, deepstack_visual_indexes=list(range(vl - 1)))
+        text.update(head_dim=ld // lh, rope_parameters=dict(rope, mrope_interleaved=True))
+    return getattr(transformers, config)(
+        text_config=text, vision_config=tower,
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
@@ -139,14 +213,23 @@ def tiny_shapes_model(seed: int = 0) -> tuple[LlavaForConditionalGeneration, Lla
     return LlavaForConditionalGeneration(cfg).eval(), proc
 
 
-def tiny_qwen_shapes_model(seed: int = 0) -> tuple[Any, Any]:
-    """Randomly initialised Shapes-geometry Qwen2-VL (small widths), for smoke runs and tests."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    proc = build_qwen_processor()
-    cfg = qwen_config(len(proc.tokenizer), proc.tokenizer, vision=(2, 64, 4), llm=(4, 64, 4, 2))
+def tiny_qwen_shapes_model(seed: int = 0, kind: str = "qwen2_vl") -> tuple[Any, Any]:
+    """Randomly initialised Shapes-geometry Qwen2-VL / Qwen2.5-VL / Qwen3-VL (`kind`, small widths), for
+    smoke runs and tests."""
+    proc = build_qwen_processor(kind=kind)
+    cfg = qwen_config(len(proc.tokenizer), proc.tokenizer, vision=(2, 64, 4), llm=(4, 64, 4, 2), kind=kind)
     torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration(cfg).eval(), proc
+    return AutoModelForImageTextToText.from_config(cfg).eval(), proc
+
+
+def tiny_onevision_shapes_model(seed: int = 0) -> tuple[Any, Any]:
+    """Randomly initialised Shapes-geometry LLaVA-OneVision (small widths), for smoke runs and tests."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    proc = build_onevision_processor()
+    cfg = onevision_config(len(proc.tokenizer), proc.tokenizer, vision=(2, 64, 4), llm=(4, 64, 4, 2))
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval(), proc
 
 
 def default_model() -> str:
