@@ -282,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtoken", description="Visual token reduction for VLMs.")
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate a reducer config on a task (no arguments: the demo comparison)")
-    run.add_argument("--model", help="model directory (save_pretrained) or 'tiny-llava-shapes'; "
-                     "default: assets/llava-shapes if present")
+    run.add_argument("--model", help="model directory (save_pretrained), Hub id or a built-in random model "
+                     "(tiny-llava-shapes, tiny-qwen2vl-shapes, tiny-qwen2.5vl-shapes, tiny-qwen3vl-shapes, "
+                     "tiny-onevision-shapes); default: assets/llava-shapes if present")
     run.add_argument("--reducer", help="registered reducer name (default: the demo, every reducer at keep 64)")
     run.add_argument("--keep", type=_value, help="budget: int tokens per image or float fraction")
     run.add_argument("--param", action="append", default=[], help="reducer parameter name=value (repeatable)")

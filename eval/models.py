@@ -232,6 +232,14 @@ def tiny_onevision_shapes_model(seed: int = 0) -> tuple[Any, Any]:
     return LlavaOnevisionForConditionalGeneration(cfg).eval(), proc
 
 
+def tiny_models() -> dict[str, Any]:
+    """The built-in random Shapes-geometry models by name (`vtoken run --model NAME`), one per family."""
+    return {TINY: tiny_shapes_model, TINY_QWEN: tiny_qwen_shapes_model,
+            "tiny-qwen2.5vl-shapes": lambda: tiny_qwen_shapes_model(kind="qwen2_5_vl"),
+            "tiny-qwen3vl-shapes": lambda: tiny_qwen_shapes_model(kind="qwen3_vl"),
+            "tiny-onevision-shapes": tiny_onevision_shapes_model}
+
+
 def default_model() -> str:
     """The shipped trained model if present, else the random tiny one."""
     path = ASSETS / "llava-shapes"
@@ -280,9 +288,9 @@ def _from_hub(ref: str, attn: str, dtype: torch.dtype) -> tuple[Any, Any]:
 def load(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
          attn: str = "sdpa") -> tuple[Any, Any, dict[str, Any]]:
     """(model, processor, info) for a model directory, a Hugging Face Hub id (`owner/name`, e.g.
-    `llava-hf/llava-1.5-7b-hf`) or the name `tiny-llava-shapes` / `tiny-qwen2vl-shapes`."""
-    if ref in (TINY, TINY_QWEN):
-        model, proc = tiny_shapes_model() if ref == TINY else tiny_qwen_shapes_model()
+    `llava-hf/llava-1.5-7b-hf`) or a built-in random model's name (`tiny_models`: `tiny-llava-shapes`, ...)."""
+    if ref in tiny_models():
+        model, proc = tiny_models()[ref]()
         info = {"model": ref, "trained": False}
     elif (Path(ref) / "config.json").exists():
         path = Path(ref)
@@ -296,7 +304,7 @@ def load(ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
     else:
         raise FileNotFoundError(
             f"no model at {ref!r} (expected a directory with config.json, a Hugging Face Hub id such as "
-            f"'llava-hf/llava-1.5-7b-hf', or '{TINY}' / '{TINY_QWEN}')")
+            f"'llava-hf/llava-1.5-7b-hf', or a built-in random model: {', '.join(tiny_models())})")
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
     return model.to(device=device, dtype=dtype).eval(), proc, info
 

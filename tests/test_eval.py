@@ -165,3 +165,26 @@ def test_run_the_video_task_on_the_qwen_shapes_geometry(tmp_path):
     assert holitom["config"]["task"] == "shapes-video" and holitom["config"]["reducer"] == "holitom"
     assert 60 <= holitom["metrics"]["visual_tokens"]["mean"] <= 80  # about a quarter of 288 (content-dependent)
     assert holitom["metrics"]["flops_pct"] < 100
+
+
+@pytest.mark.parametrize("model,task,reducer,params,tokens", [
+    ("tiny-qwen2.5vl-shapes", "shapes", "fastv", ["--keep", "32"], 144),  # 24x24 patches, merged 2x2
+    ("tiny-qwen3vl-shapes", "shapes", "aim", ["--keep", "0.5"], 121),  # 16-px patches: 352 px, 11x11
+    ("tiny-onevision-shapes", "shapes-video", "holitom", ["--keep", "0.25", "--param", "tau=0.5"], 4 * 144),
+])
+def test_run_on_every_family_by_name(tmp_path, model, task, reducer, params, tokens):
+    """The built-in random model of each family runs the image or video task: at most the unreduced visual
+    tokens (`tokens` per image or video) in every LLM layer, fewer in the last, fewer FLOPs."""
+    out = tmp_path / "r.jsonl"
+    assert cli.main(["run", "--model", model, "--task", task, "--reducer", reducer, *params, "--limit", "2",
+                     "--batch-size", "2", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text().splitlines()[-1])["metrics"]
+    per_layer = metrics["visual_tokens_per_layer"]  # mean tokens entering each LLM layer
+    assert max(per_layer) <= tokens and per_layer[-1] < tokens and metrics["flops_pct"] < 100
+
+
+def test_run_refuses_holitom_on_qwen3_videos(capsys):
+    """A merge across frames cannot carry Qwen3-VL's per-frame deepstack rows: exit 2 with the reason."""
+    assert cli.main(["run", "--model", "tiny-qwen3vl-shapes", "--task", "shapes-video", "--reducer", "holitom",
+                     "--limit", "2", "--batch-size", "2"]) == 2
+    assert "deepstack" in capsys.readouterr().err
