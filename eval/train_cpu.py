@@ -21,8 +21,12 @@ Recipe (measured in docs/shapes.md):
   replaced by new scenes every step, so the data never repeats for long;
 - diagnosis: `python -m vtoken.eval.train_cpu --probe OUT/checkpoint` prints the aux heads' per-patch
   accuracy on validation scenes and, per category, the answer loss with the right vs a shuffled image;
-- AdamW, bf16 autocast, per stage warm-up / constant / final linear decay (the constant part can be
-  extended by raising the stage's steps on resume); one torch thread by default;
+- AdamW, bf16 autocast where this CPU multiplies bf16 faster than fp32 (`--bf16`; AVX2-only CPUs
+  have no bf16 arithmetic and run bf16 matmuls ~10x slower: measured 2026-12-07), per stage warm-up /
+  constant / final linear decay (the constant part can be extended by raising the stage's steps on
+  resume); one torch thread by default;
+- `--token-layer k`: the token aux reads the residual stream after LLM layer k (through the final norm),
+  so what the visual tokens are taught to say is there for later layers' attention to read;
 - resumable: a checkpoint (model, aux heads, optimiser, RNG, pool ids, curve) is written every
   `--save-every` seconds as safetensors shards of at most 16 MB in `OUT/checkpoint/`; `--resume`
   continues from it, bit-identically;
@@ -296,6 +300,33 @@ def token_aux_loss(logits: torch.Tensor, labels: dict[str, torch.Tensor],
     return -((target / mass.clamp(min=1)) * logp).sum(-1)[valid].mean()
 
 
+def early_logits(model: nn.Module, hidden: tuple[torch.Tensor, ...], layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """The LM head's reading of the residual stream after LLM layer `layer` (1-based) at `rows`.
+
+    Token aux on the last layer's output can be met by the last layer alone, at the visual position,
+    where no other position can attend to it; read after an early layer, what the visual tokens are
+    taught to say is there for the later layers' attention (the answer token's) to read.
+    """
+    lm = model.model.language_model
+    h = hidden[layer][rows]
+    return model.lm_head(h if layer >= len(lm.layers) else lm.norm(h))
+
+
+def bf16_is_faster(size: int = 384, reps: int = 5) -> bool:
+    """Whether a bf16 matmul (the training's shapes: width ~192, ~2k rows) beats fp32 on this CPU."""
+    a, b = torch.randn(4 * size, size // 2), torch.randn(size // 2, size)
+
+    def clock(dtype: torch.dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            x @ y
+        return time.perf_counter() - t
+
+    return clock(torch.bfloat16) < clock(torch.float32)
+
+
 def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """The projector's input: the feature layer's patch tokens (CLS dropped), (B, N, width)."""
     out = model.model.vision_tower(pixels, output_hidden_states=True)
@@ -491,7 +522,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         from vtoken.eval import runner
 
         val = runner.make_batches(proc, "shapes", args.eval, 50, seed=args.seed, split="val")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    bf16 = bf16_is_faster() if args.bf16 is None else args.bf16
+    print(f"bf16 autocast: {'on' if bf16 else 'off'}", flush=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     curve_file = out / "curve.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     session_start = time.time()
@@ -562,12 +595,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if stage == "joint":
                     layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
                     hook = layer.register_forward_hook(_capture(feats))
-                out_ = model(**batch, pixel_values=px)
+                early = args.token_aux and args.token_layer is not None
+                out_ = model(**batch, pixel_values=px, output_hidden_states=bool(early))
                 loss = out_.loss
                 log["lm"] = loss.detach()
                 if args.token_aux:
                     vis = batch["input_ids"] == model.config.image_token_id
-                    tok_loss = token_aux_loss(out_.logits[vis].view(batch_size, tokens, -1), labels, words,
+                    tok_logits = out_.logits[vis] if not early else early_logits(model, out_.hidden_states,
+                                                                                 args.token_layer, vis)
+                    tok_loss = token_aux_loss(tok_logits.view(batch_size, tokens, -1), labels, words,
                                               args.token_char, args.token_pos)
                     log["tok"] = tok_loss.detach()
                     loss = loss + args.token_aux * tok_loss
@@ -692,6 +728,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="token aux: the character word on every patch of an object (cover_char) or at its centre")
     ap.add_argument("--token-pos", action=argparse.BooleanOptionalAction, default=False,
                     help="token aux: every covered patch also names its object's side (left/right, above/below)")
+    ap.add_argument("--token-layer", type=int, default=None,
+                    help="read the token aux after this LLM layer (1-based; default: the output logits)")
     ap.add_argument("--vision-steps", type=int, default=2000)
     ap.add_argument("--llm-steps", type=int, default=1000)
     ap.add_argument("--joint-steps", type=int, default=5500)
@@ -708,7 +746,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--aux-weights", type=_weights, default="shape=2,cover_shape=2,char=3,cover_char=2",
                     help="per-head weights of the tower's aux loss, e.g. shape=3,char=3 (others: 1)")
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: where a bf16 matmul is faster than fp32 on this CPU)")
     ap.add_argument("--eval", type=int, default=420, help="validation questions per curve point (0: none)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--log-every", type=int, default=50)

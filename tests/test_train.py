@@ -203,3 +203,22 @@ def test_resume_from_a_recipe_without_the_newer_aux_heads(tmp_path):
     assert saved and {i for i, m in enumerate(moments) if m} == saved and max(saved) < last - 3
     i = max(saved)
     assert torch.equal(moments[i]["exp_avg"], kept[f"{i}.exp_avg"])
+
+
+def test_early_token_logits_read_a_layers_output_through_the_final_norm():
+    """`--token-layer k`: the token aux reads the residual stream after LLM layer k (1-based) with the LM
+    head, through the final norm; k = the depth is the model's own logits."""
+    from vtoken.eval.train_cpu import build, early_logits
+
+    model, _ = build((1, 32, 2), (3, 32, 2, 1), 28, -1)
+    ids = torch.randint(3, 50, (2, 7))
+    rows = ids % 2 == 0
+    seen = {}
+    layer = model.model.language_model.layers[0]
+    hook = layer.register_forward_hook(lambda m, a, out: seen.update(h=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    hook.remove()
+    lm = model.model.language_model
+    torch.testing.assert_close(early_logits(model, out.hidden_states, 1, rows), model.lm_head(lm.norm(seen["h"][rows])))
+    torch.testing.assert_close(early_logits(model, out.hidden_states, 3, rows), out.logits[rows])
