@@ -25,6 +25,10 @@ Recipe (measured in docs/shapes.md):
   have no bf16 arithmetic and run bf16 matmuls ~10x slower: measured 2026-12-07), per stage warm-up /
   constant / final linear decay (the constant part can be extended by raising the stage's steps on
   resume); one torch thread by default;
+- `--attn-sup w`: the renderer knows which patches each named object covers; heads 0 / 1 of the token
+  that predicts an answer (LLM layer `--attn-layer`) are trained to attend the first / second object the
+  question names (`grounding_loss`): an attention probe showed the answer attending only the last-named
+  object on position and size questions;
 - `--token-layer k`: the token aux reads the residual stream after LLM layer k (through the final norm),
   so what the visual tokens are taught to say is there for later layers' attention to read;
 - resumable: a checkpoint (model, aux heads, optimiser, RNG, pool ids, curve) is written every
@@ -125,6 +129,32 @@ def _geom(o: Any, size: int) -> tuple[float, float, float]:
     return o.x / size, o.y / size, math.log(o.r) / math.log(40.0)
 
 
+def object_patches(o: Any, side: int, size: int = SIZE, min_pixels: int = 16) -> np.ndarray:
+    """Indices (raster order on the side x side grid) of the patches object `o` covers with at least
+    `min_pixels` pixels, or its fullest patch when it covers none that much (a tiny object)."""
+    cell = size // side
+    x0, y0 = max(0, int(o.x - 1.3 * o.r) - 1), max(0, int(o.y - 1.3 * o.r) - 1)
+    x1, y1 = min(size, int(o.x + 1.3 * o.r) + 2), min(size, int(o.y + 1.3 * o.r) + 2)
+    pixels = np.zeros((side * cell, side * cell), bool)
+    pixels[y0:y1, x0:x1] = _mask(o, x0, y0, x1 - x0, y1 - y0)
+    counts = pixels.reshape(side, cell, side, cell).sum((1, 3)).reshape(-1)
+    idx = np.flatnonzero(counts >= min_pixels)
+    return idx if len(idx) else np.array([int(counts.argmax())])
+
+
+def named_objects(question: str, scene: list) -> list[int]:
+    """Indices of the objects a question names, in the order it names them: "the <colour> <shape>",
+    "the <colour> object" and "the <shape>?" (the benchmark's phrasings for an object it can single
+    out); a phrase that fits several objects names none."""
+    found: dict[int, list[int]] = {}
+    for j, o in enumerate(scene):
+        for phrase in (f"the {o.color} {o.shape}", f"the {o.color} object", f"the {o.shape}?"):
+            at = question.find(phrase)
+            if at >= 0:
+                found.setdefault(at, []).append(j)
+    return [js[0] for at, js in sorted(found.items()) if len(set(js)) == 1]
+
+
 def small_scene(seed: int, sid: int, max_objects: int, text_p: float = 0.5) -> tuple[np.ndarray, list]:
     """Scene `sid` of the curriculum stream with 1..`max_objects` objects (a stream of its own per
     `max_objects`, disjoint from the full-scene training stream and from every benchmark split)."""
@@ -173,15 +203,19 @@ class Pool:
 
 
 def make_batch_unique(ids: torch.Tensor, objs: list[list], proc: Any, qa: int, rng: np.random.Generator,
-                      image_tokens: int, tries: int = 24) -> dict[str, torch.Tensor]:
+                      image_tokens: int, tries: int = 24, ground: bool = False) -> dict[str, Any]:
     """Like `train.make_batch` (same prompt format, loss on the answers only), but no question is asked
     twice in one sequence: a repeated question could be answered by copying the earlier turn's answer
     instead of reading the image (frequent in small scenes). A sequence ends early when `tries`
-    draws find no new question."""
+    draws find no new question. `ground`: also "ground", per turn that names objects, (row, position of
+    the token that predicts the answer, patch indices of each named object in order)."""
     tok = proc.tokenizer
     placeholder = getattr(proc, "image_token", "<image>")
+    side = math.isqrt(image_tokens)
     rows: list[tuple[list[int], list[int]]] = []
-    for scene in (objs[i] for i in ids.tolist()):
+    grounding: list[tuple[int, int, list[np.ndarray]]] = []
+    for row, scene in enumerate(objs[i] for i in ids.tolist()):
+        patches: dict[int, np.ndarray] = {}
         seq: list[int] = []
         lab: list[int] = []
         asked: set[str] = set()
@@ -201,6 +235,11 @@ def make_batch_unique(ids: torch.Tensor, objs: list[list], proc: Any, qa: int, r
             else:
                 p_ids = tok(text.replace(placeholder, ""), add_special_tokens=False)["input_ids"]
             a_ids = [*tok(pair[1], add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            if ground and (named := named_objects(pair[0], scene)):
+                for j in named:
+                    if j not in patches:
+                        patches[j] = object_patches(scene[j], side)
+                grounding.append((row, len(seq) + len(p_ids) - 1, [patches[j] for j in named]))
             seq += p_ids + a_ids
             lab += [-100] * len(p_ids) + a_ids
         rows.append((seq, lab))
@@ -212,7 +251,31 @@ def make_batch_unique(ids: torch.Tensor, objs: list[list], proc: Any, qa: int, r
         out["input_ids"][i, : len(seq)] = torch.tensor(seq)
         out["labels"][i, : len(seq)] = torch.tensor(lab)
         out["attention_mask"][i, : len(seq)] = 1
+    if ground:
+        out["ground"] = grounding
     return out
+
+
+def grounding_loss(attention: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                   ground: list[tuple[int, int, list[np.ndarray]]], heads: int = 2) -> torch.Tensor:
+    """Attention supervision from the renderer: in one LLM layer's attention (B, H, T, T), head k of the
+    token that predicts an answer is trained to put its mass on the patches of the k-th object the
+    question names (-log of that mass; k < `heads`), so the answer can read each named object (the
+    position category compares two; the LLM otherwise attends the last-named one only)."""
+    starts = (input_ids == image_token_id).int().argmax(1)  # each row's first image token
+    rows, heads_, queries, targets = [], [], [], []
+    for row, q, objects in ground:
+        for k, patches in enumerate(objects[:heads]):
+            rows.append(row)
+            heads_.append(k)
+            queries.append(q)
+            targets.append(torch.zeros(attention.shape[-1]).index_fill_(
+                0, starts[row] + torch.from_numpy(patches), 1.0))
+    if not rows:
+        return attention.sum() * 0
+    picked = attention[torch.tensor(rows), torch.tensor(heads_), torch.tensor(queries)]  # (E, T)
+    mass = (picked.float() * torch.stack(targets)).sum(-1)
+    return -torch.log(mass + 1e-6).mean()
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -431,7 +494,10 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
       centres, char only where the object carries one), with the majority-class rate beside it;
     - "answer_loss": per category, the answer-token loss on `per_category` validation questions
       with their own image ("right") and with another question's image ("shuffled"): equal losses
-      mean the LLM answers that category without reading the visual tokens.
+      mean the LLM answers that category without reading the visual tokens;
+    - "named_attention": per category and LLM layer, the attention (mean over heads) of the token that
+      predicts the answer on the patches of the first / second object the question names
+      (`named_objects`, `object_patches`): whether the answer looks at what it is asked about.
     """
     from vtoken.eval.shapes import sample
 
@@ -462,10 +528,12 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
         patch_probe[k] = {"acc": round(float((pred[m] == y[m]).float().mean()), 3), "n": int(m.sum()),
                           "majority": round(float(torch.bincount(y[m]).max() / m.sum().clamp(min=1)), 3)}
     tok = proc.tokenizer
-    answer_loss = {}
+    model.set_attn_implementation("eager")  # attention weights for "named_attention"
+    answer_loss, named_attention = {}, {}
     for cat in CATEGORIES:
         qs = [sample("val", 2 * 10**5 + i, 0, category=cat) for i in range(per_category)]
         row = {}
+        mass, grounded = torch.zeros(len(model.model.language_model.layers), 2), torch.zeros(2)
         for mode, shift in (("right", 0), ("shuffled", 1)):
             losses = []
             for j, q in enumerate(qs):
@@ -473,12 +541,24 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
                 p_ids = tok(text)["input_ids"]
                 a_ids = tok(q.answer, add_special_tokens=False)["input_ids"]
                 px = pixels_llava(torch.from_numpy(qs[(j + shift) % len(qs)].image)[None])
-                out = model(input_ids=torch.tensor([p_ids + a_ids]), labels=torch.tensor([[-100] * len(p_ids) + a_ids]),
-                            pixel_values=px)
+                with torch.no_grad():
+                    out = model(input_ids=torch.tensor([p_ids + a_ids]), pixel_values=px, output_attentions=shift == 0,
+                                labels=torch.tensor([[-100] * len(p_ids) + a_ids]))
                 losses.append(float(out.loss))
+                if shift == 0:
+                    first = p_ids.index(model.config.image_token_id)
+                    for k, i in enumerate(named_objects(q.question, q.objects)[:2]):
+                        cols = first + torch.from_numpy(object_patches(q.objects[i], side))
+                        q_row = len(p_ids) - 1  # the token that predicts the answer
+                        mass[:, k] += torch.stack([a[0, :, q_row, cols].sum(-1).mean() for a in out.attentions])
+                        grounded[k] += 1
             row[mode] = round(float(np.mean(losses)), 3)
         answer_loss[cat] = row
-    return {"checkpoint": str(folder), "step": state["step"], "patch_probe": patch_probe, "answer_loss": answer_loss}
+        if grounded[0]:
+            named_attention[cat] = {f"layer {layer}": [round(float(m / max(float(n), 1.0)), 3) for m, n in
+                                                       zip(mass[layer], grounded)] for layer in range(len(mass))}
+    return {"checkpoint": str(folder), "step": state["step"], "patch_probe": patch_probe, "answer_loss": answer_loss,
+            "named_attention": named_attention}
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -487,6 +567,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = out / "checkpoint"
     torch.manual_seed(args.seed)
     model, proc = build(args.vision, args.llm, args.patch, args.feature_layer)
+    if args.attn_sup:
+        if args.unique_qa is False:
+            raise SystemExit("--attn-sup needs --unique-qa (the grounded turns come from make_batch_unique)")
+        model.set_attn_implementation("eager")  # the supervised attention weights must be materialised
     side = SIZE // args.patch
     tokens = side * side
     aux = AuxHeads(args.vision[1], args.aux_weights)
@@ -589,16 +673,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 loss, acc = aux(vision_features(model, px), labels)
                 log.update({f"aux_{k}": v for k, v in acc.items()})
             else:
-                batch = (make_batch_unique if args.unique_qa else make_batch)(ids, src.objs, proc, args.qa, rng, tokens)
+                if args.attn_sup:
+                    batch = make_batch_unique(ids, src.objs, proc, args.qa, rng, tokens, ground=True)
+                else:
+                    batch = (make_batch_unique if args.unique_qa else make_batch)(ids, src.objs, proc, args.qa, rng,
+                                                                                   tokens)
+                ground = batch.pop("ground", None)
                 feats: dict[str, torch.Tensor] = {}
                 hook = None
                 if stage == "joint":
                     layer = model.model.vision_tower.encoder.layers[model.config.vision_feature_layer]
                     hook = layer.register_forward_hook(_capture(feats))
                 early = args.token_aux and args.token_layer is not None
-                out_ = model(**batch, pixel_values=px, output_hidden_states=bool(early))
+                out_ = model(**batch, pixel_values=px, output_hidden_states=bool(early),
+                             output_attentions=bool(args.attn_sup))
                 loss = out_.loss
                 log["lm"] = loss.detach()
+                if args.attn_sup:
+                    g_loss = grounding_loss(out_.attentions[args.attn_layer], batch["input_ids"],
+                                            model.config.image_token_id, ground)
+                    log["ground"] = g_loss.detach()
+                    loss = loss + args.attn_sup * g_loss
                 if args.token_aux:
                     vis = batch["input_ids"] == model.config.image_token_id
                     tok_logits = out_.logits[vis] if not early else early_logits(model, out_.hidden_states,
@@ -730,6 +825,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="token aux: every covered patch also names its object's side (left/right, above/below)")
     ap.add_argument("--token-layer", type=int, default=None,
                     help="read the token aux after this LLM layer (1-based; default: the output logits)")
+    ap.add_argument("--attn-sup", type=float, default=0.0,
+                    help="weight of the grounding loss (`grounding_loss`): heads 0 / 1 of the answer token in LLM "
+                         "layer --attn-layer attend the first / second object the question names")
+    ap.add_argument("--attn-layer", type=int, default=1, help="0-based LLM layer of the grounding loss")
     ap.add_argument("--vision-steps", type=int, default=2000)
     ap.add_argument("--llm-steps", type=int, default=1000)
     ap.add_argument("--joint-steps", type=int, default=5500)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vtoken.eval import cli, models
+from vtoken.eval.shapes import CATEGORIES
 
 
 def test_hub_id_offline_mode_fails_with_the_offline_cause(tmp_path, monkeypatch):
@@ -222,3 +223,47 @@ def test_early_token_logits_read_a_layers_output_through_the_final_norm():
     lm = model.model.language_model
     torch.testing.assert_close(early_logits(model, out.hidden_states, 1, rows), model.lm_head(lm.norm(seen["h"][rows])))
     torch.testing.assert_close(early_logits(model, out.hidden_states, 3, rows), out.logits[rows])
+
+
+def test_grounding_targets_the_named_objects_patches():
+    """`--attn-sup`: each turn that names objects gives the answer-predicting position and, in the order
+    named, the patches each object covers; the loss is -log of the attention mass a head puts on them."""
+    from vtoken.eval.shapes import Obj, sample
+    from vtoken.eval.train_cpu import build, grounding_loss, make_batch_unique, named_objects, object_patches
+
+    scene = [Obj("star", "red", 50.0, 50.0, 20.0), Obj("circle", "blue", 300.0, 200.0, 10.0),
+             Obj("star", "green", 200.0, 300.0, 6.0)]
+    assert named_objects("is the blue circle left or right of the red star?", scene) == [1, 0]
+    assert named_objects("what shape is the green object?", scene) == [2]
+    assert named_objects("what color is the star?", scene) == []  # two stars: "the star" names none
+    assert named_objects("how many stars are there?", scene) == []
+    # the circle (x 290-310, y 190-210) lies in patches (row 6, col 10) and (7, 10) with >= 16 pixels each
+    assert object_patches(scene[1], 12).tolist() == [6 * 12 + 10, 7 * 12 + 10]
+    assert len(object_patches(Obj("circle", "red", 14.0, 14.0, 2.0), 12)) == 1  # tiny: its fullest patch
+    s = sample("train", 3, category="position")
+    model, proc = build((1, 32, 2), (1, 32, 2, 1), 28, -1)
+    batch = make_batch_unique(torch.tensor([0, 0]), [s.objects], proc, 6, np.random.default_rng(1), 144, ground=True)
+    assert batch["ground"]
+    ids = batch["input_ids"]
+    answers = batch["labels"] != -100
+    for row, q, objects in batch["ground"]:
+        assert answers[row, q + 1] and not answers[row, q]  # q predicts the answer's first token
+        assert all(len(p) for p in objects)
+    row, q, objects = batch["ground"][0]
+    att = torch.zeros(2, 2, ids.shape[1], ids.shape[1])
+    first = int((ids[row] == model.config.image_token_id).nonzero()[0])
+    att[row, 0, q, first + torch.from_numpy(objects[0])] = 0.5 / len(objects[0])  # half the mass on the first
+    loss = grounding_loss(att, ids, model.config.image_token_id, batch["ground"][:1], heads=1)
+    torch.testing.assert_close(loss, -torch.log(torch.tensor(0.5 + 1e-6)))
+
+
+def test_training_with_grounding_runs_and_logs_it(tmp_path, capsys):
+    from vtoken.eval import train_cpu
+
+    out = train_cpu.train(train_cpu.parse(_tiny(tmp_path / "g", (1, 1, 1), "--attn-sup", "1", "--attn-layer", "0")))
+    assert out["steps"] == 3 and " ground " in capsys.readouterr().out
+    diag = train_cpu.probe(tmp_path / "g" / "checkpoint", scenes=2, per_category=3)
+    assert set(diag["answer_loss"]) == set(CATEGORIES)
+    for cat in ("position", "size"):  # two named objects: the mass on each, per layer, is a fraction
+        masses = diag["named_attention"][cat]["layer 0"]
+        assert len(masses) == 2 and all(0 < m < 1 for m in masses)
