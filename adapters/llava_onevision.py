@@ -215,7 +215,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if self.vision_capture is None:
             return
         packed = out.pooler_output
-        tokens = (packed.shape[1] // self.frame_side() ** 2) * self.frame_side() ** 2  # 5.24+ appends a newline
+        pixels = args.get("pixel_values_videos", args.get("pixel_values"))  # named pixel_values before 5.2x
+        tokens = pixels.shape[1] * self.frame_side() ** 2  # the frames' tokens (5.24+ appends a newline)
         self.vision_capture["video_packed"] = [fingerprint(t[None, :tokens]) for t in packed]
         self._keep_run("video_qk")
 
@@ -276,6 +277,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         super()._vision_pre(module, args, kwargs)
         if record is not None and self.vision_record is not record:
             self.vision_record = (record[0] + self.vision_record[0], self.vision_record[1])
-        for key in ("keys", "packed", "lengths", "image_qk", "video_qk", "video_packed"):
+        for key in ("keys", "packed", "lengths"):
             if key in cap:
                 self.vision_capture.setdefault(key, cap[key])
+        if record is not None:  # a call's second run (its videos after its images): keep the first's captures;
+            for key in ("image_qk", "video_qk", "video_packed"):  # a new call's first run drops the last call's
+                if key in cap:
+                    self.vision_capture.setdefault(key, cap[key])

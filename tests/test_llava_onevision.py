@@ -339,3 +339,38 @@ def test_holitom_merges_each_video_with_the_pooled_tower_attention(model):
     assert frames == [4, 0, 0, 4, 0, 0]
     images = [k for k, s in zip(kept, spans) if s.part is None]
     assert images == [s.n for s in spans if s.part is None] and len(images) == 4  # every image token, newlines too
+
+
+def test_holitom_on_frames_pooled_to_one_token_and_images_only():
+    """Videos are matched by their frames' tokens whatever transformers appends after them (a frame
+    pooled to a single token included); on images alone HoliTom's outer merge reads (and pays) nothing."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from vtoken.eval.tiny import _instantiate
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=28, patch_size=14, vision_use_head=False)  # 2x2 patches -> 1 per frame
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=OV_IMAGE,
+                                  video_token_id=OV_VIDEO, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    tiny = _instantiate(LlavaOnevisionForConditionalGeneration, config, "sdpa", 0, torch.float32)
+    inp = onevision_inputs(tiny, [[3], [3]], seed=1)
+    with vtoken.patch(tiny, "holitom", keep=0.5, tau=-1.0, inner=False) as p, torch.no_grad():
+        tiny(**inp)
+        assert p.stats.visual_tokens == [1, 1]  # each video's one token per frame, static through all 3 frames
+    model_ = tiny_llava_onevision()
+    inp = onevision_inputs(model_, [[(60, 100)], [(56, 56), (90, 90)]], seed=2)
+    with vtoken.patch(model_, "holitom", keep=0.5, inner=False) as p, torch.no_grad():
+        out = model_(**inp).logits
+        assert p.stats.flops.get("reducer", 0) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, model_(**inp).logits)

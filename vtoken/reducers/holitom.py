@@ -85,10 +85,12 @@ class HoliTomMerge(Reducer):
         return n  # an upper bound: the content decides
 
     def select(self, x: StageInput) -> Selection:
+        counts = list(x.counts if x.counts is not None else x.valid.sum(1).tolist())
+        if x.parts is None or all(part is None for part in x.parts):  # images only: nothing to merge, and no
+            return Selection(keep=x.valid.clone(), counts=counts)  # tower attention to read (or pay for)
         attention = x.signal(self.signals()[0]).float()
         keep = x.valid.clone()
         values, sizes = x.features.clone(), x.sizes.clone()
-        counts = list(x.counts if x.counts is not None else x.valid.sum(1).tolist())
         merged = False
         for ids in videos(x):
             if x.parts is None or x.parts[ids[0]] is None:
