@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf import compat
@@ -177,8 +178,4 @@ class LlavaNextAdapter(LlavaAdapter):
                 key = crop.to(vals.device) * per_crop.shape[1] + vals.long()
                 vals = torch.unique(key, return_inverse=True)[1]
             chosen.append(vals)
-        n_max = max(v.shape[0] for v in chosen)
-        out = chosen[0].new_zeros(len(chosen), n_max, *chosen[0].shape[1:])
-        for i, v in enumerate(chosen):
-            out[i, : v.shape[0]] = v
-        return out
+        return pad_sequence(chosen, batch_first=True)

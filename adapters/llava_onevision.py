@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from vtoken.adapter import register_adapter
 from vtoken.adapters.hf import compat
@@ -70,6 +71,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 "tokens or the LLM: random, pool, fastv, divprune, todre, transprune, aim; or holitom, whose "
                 "authors resample the tower's attention with the tokens")
         super().install_hooks()
+        self._video_rows: list[int] | None = None  # per video of the call: its index in the video tower run
         if any(r.kind.startswith("vision_") for r in self.runtime.signals):
             # Why a wrapper: only `get_video_features` knows that a tower run encodes videos (frames of
             # every video, in order); its output identifies each video in the prompt (as for images)
@@ -174,7 +176,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         self._sources = []  # per span: where its tower attention comes from (`vision_signal`)
         first = list(itertools.accumulate((self._layout(k)["crops"] for k in keys or ()), initial=0))
         rows = iter(self._vision_rows.tolist())
-        videos = iter(getattr(self, "_video_rows", None) or [])
+        videos = iter(self._video_rows or [])
         g = self.frame_side()
         for item, frames in zip(self.call.images, self.call.span_info):
             if frames is None:
@@ -245,12 +247,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         side, g = self.grid()[0], self.frame_side()
         tiles = self._attention("image_qk", layer) if self._vision_rows.numel() else None
         frames = None
-        if any(src[0] == "frame" for src in self._sources):
+        if any(isinstance(src[0], str) for src in self._sources):
             raw = self._attention("video_qk", layer).view(-1, 1, side, side)
             frames = F.interpolate(raw, size=(g, g), mode="bilinear").flatten(1)
         chosen = []
         for src in self._sources:
-            if src[0] == "frame":
+            if isinstance(src[0], str):  # ("frame", row of the video tower run)
                 if src[1] is None:
                     raise SignalError("this call's videos were not matched to a tower run")
                 chosen.append(frames[src[1]])
@@ -260,10 +262,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             if len(src) == 4 and src[2] != src[3]:  # the shrunk crop grid
                 vals = F.interpolate(vals.view(1, 1, *src[2]), size=src[3], mode="bilinear").flatten()
             chosen.append(vals)
-        out = chosen[0].new_zeros(len(chosen), max(v.shape[0] for v in chosen))
-        for i, v in enumerate(chosen):
-            out[i, : v.shape[0]] = v
-        return out
+        return pad_sequence(chosen, batch_first=True)
 
     # --- vision tower: images and videos run it separately -----------------------------------------------
     def prefill_starts(self, inputs: dict[str, Any]) -> None:
