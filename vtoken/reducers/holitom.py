@@ -86,16 +86,14 @@ class HoliTomMerge(Reducer):
 
     def select(self, x: StageInput) -> Selection:
         counts = list(x.counts if x.counts is not None else x.valid.sum(1).tolist())
-        if x.parts is None or all(part is None for part in x.parts):  # images only: nothing to merge, and no
-            return Selection(keep=x.valid.clone(), counts=counts)  # tower attention to read (or pay for)
+        if x.parts is None or all(part is None for part in x.parts):  # images only: nothing to merge (no merge
+            return Selection(keep=x.valid.clone(), counts=counts)  # weights, no tower attention read or paid)
         attention = x.signal(self.signals()[0]).float()
         keep = x.valid.clone()
         values, sizes = x.features.clone(), x.sizes.clone()
-        merged = False
         for ids in videos(x):
-            if x.parts is None or x.parts[ids[0]] is None:
+            if x.parts[ids[0]] is None:
                 continue  # an image: HoliTom's outer merge is for videos
-            merged = True
             n = counts[ids[0]]
             if any(counts[i] != n or x.grids[i][0] * x.grids[i][1] != n for i in ids):
                 raise LayoutError("holitom merges a video's frames position by position: it must act first, on "
@@ -111,8 +109,6 @@ class HoliTomMerge(Reducer):
             sizes[rows, slots] = szs.to(sizes.dtype)
             for i, c in zip(ids, kept.sum(1).tolist()):  # one read per video (the counts are the content's)
                 counts[i] = c
-        if not merged:  # images only: nothing changes (no merge weights needed, e.g. Qwen3-VL's deepstack)
-            return Selection(keep=keep, counts=counts)
         return Selection(keep=keep, values=values, sizes=sizes, counts=counts)
 
     def _video(self, feats: torch.Tensor, attention: torch.Tensor, ratio: float
