@@ -262,19 +262,15 @@ def grounding_loss(attention: torch.Tensor, input_ids: torch.Tensor, image_token
     token that predicts an answer is trained to put its mass on the patches of the k-th object the
     question names (-log of that mass; k < `heads`), so the answer can read each named object (the
     position category compares two; the LLM otherwise attends the last-named one only)."""
-    starts = (input_ids == image_token_id).int().argmax(1)  # each row's first image token
-    rows, heads_, queries, targets = [], [], [], []
-    for row, q, objects in ground:
-        for k, patches in enumerate(objects[:heads]):
-            rows.append(row)
-            heads_.append(k)
-            queries.append(q)
-            targets.append(torch.zeros(attention.shape[-1]).index_fill_(
-                0, starts[row] + torch.from_numpy(patches), 1.0))
-    if not rows:
+    entries = [(row, k, q, patches) for row, q, objects in ground for k, patches in enumerate(objects[:heads])]
+    if not entries:
         return attention.sum() * 0
-    picked = attention[torch.tensor(rows), torch.tensor(heads_), torch.tensor(queries)]  # (E, T)
-    mass = (picked.float() * torch.stack(targets)).sum(-1)
+    rows, heads_, queries = (torch.tensor(v) for v in list(zip(*entries))[:3])
+    starts = (input_ids == image_token_id).int().argmax(1)  # each row's first image token
+    owner = torch.repeat_interleave(torch.tensor([len(e[3]) for e in entries]))  # entry of each patch
+    cols = starts[rows][owner] + torch.from_numpy(np.concatenate([e[3] for e in entries]))
+    picked = attention[rows, heads_, queries]  # (E, T): each supervised head's attention row
+    mass = torch.zeros(len(entries)).index_add_(0, owner, picked.float()[owner, cols])
     return -torch.log(mass + 1e-6).mean()
 
 
