@@ -59,15 +59,21 @@ def plot(records: list[dict[str, Any]], out: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     ax = axes[0]
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    bars: dict[str, list[tuple[float, float, float]]] = defaultdict(list)  # x, bootstrap 95% interval
     for r in records:
-        x = r["metrics"].get("flops_pct") or r["metrics"]["flops_per_sample"].get("total", 0) / 1e9
-        series[r["config"]["reducer"]].append((x, 100 * r["metrics"]["accuracy"]))
+        m = r["metrics"]
+        x = m.get("flops_pct") or m["flops_per_sample"].get("total", 0) / 1e9
+        series[r["config"]["reducer"]].append((x, 100 * m["accuracy"]))
+        if "accuracy_ci95" in m:  # records written before the interval was recorded have none
+            bars[r["config"]["reducer"]].append((x, 100 * m["accuracy_ci95"][0], 100 * m["accuracy_ci95"][1]))
     for name, pts in sorted(series.items()):
         if name == "none":
             ax.scatter(*zip(*pts), marker="*", s=220, color="black", label="unreduced", zorder=5)
             continue
         xs, ys = zip(*pts)
         sc = ax.scatter(xs, ys, s=30, alpha=0.6)
+        if bars[name]:
+            ax.vlines(*zip(*bars[name]), color=sc.get_facecolor()[0], alpha=0.4, linewidth=1)
         front = pareto(pts)
         ax.plot(*zip(*front), "-", color=sc.get_facecolor()[0], label=name)
     xlab = "FLOPs (% of unreduced)" if any(r["metrics"].get("flops_pct") for r in records) else "GFLOPs / sample"

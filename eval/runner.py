@@ -39,6 +39,18 @@ class Batch:
     categories: list[str]
 
 
+def bootstrap_ci(ok: Sequence[bool], reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the accuracy (the mean of `ok`): the questions are resampled
+    with replacement `reps` times (seeded, so a record is reproducible)."""
+    if not ok:
+        return 0.0, 0.0
+    x = torch.tensor([float(v) for v in ok], dtype=torch.float64)
+    idx = torch.randint(len(x), (reps, len(x)), generator=torch.Generator().manual_seed(seed))
+    tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(x[idx].mean(1), tails).tolist()
+    return lo, hi
+
+
 def make_batches(processor: Any, task: str = "shapes", limit: int = 200, batch_size: int = 8, seed: int = 0,
                  split: str = "test") -> list[Batch]:
     """Tokenised batches of the task's first `limit` questions (built once, reused across configs)."""
@@ -136,6 +148,7 @@ def evaluate(
                    "seed": seed, "describe": described},
         "metrics": {
             "accuracy": sum(all_ok) / max(len(all_ok), 1),
+            "accuracy_ci95": bootstrap_ci(all_ok),
             "per_category": {c: sum(v) / len(v) for c in CATEGORIES if (v := correct.get(c))},
             "visual_tokens": {"mean": statistics.fmean(tokens) if tokens else 0.0,
                               "min": min(tokens, default=0), "max": max(tokens, default=0)},
@@ -210,7 +223,7 @@ def compare(records: list[dict[str, Any]], reference: dict[str, Any]) -> list[di
 
 def table(records: list[dict[str, Any]]) -> str:
     """A Markdown table of the records (one row per config)."""
-    head = ("| reducer | params | acc % | retained % | visual tokens (mean/min/max) | FLOPs % | TTFT ms "
+    head = ("| reducer | params | acc % (95% CI) | retained % | visual tokens (mean/min/max) | FLOPs % | TTFT ms "
             "| decode tok/s | overhead ms/sample |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
@@ -218,11 +231,16 @@ def table(records: list[dict[str, Any]]) -> str:
         vt = m["visual_tokens"]
         params = ", ".join(f"{k}={v}" for k, v in c["params"].items()) or "-"
         lines.append(
-            f"| {c['reducer']} | {params} | {100 * m['accuracy']:.1f} | {_fmt(m.get('retained_pct'))} "
+            f"| {c['reducer']} | {params} | {100 * m['accuracy']:.1f}{_ci(m.get('accuracy_ci95'))} "
+            f"| {_fmt(m.get('retained_pct'))} "
             f"| {vt['mean']:.1f} / {vt['min']} / {vt['max']} | {_fmt(m.get('flops_pct'))} | {_fmt(m['ttft_ms'])} "
             f"| {_fmt(m['decode_tokens_per_s'])} | {m['reducer_overhead_ms_per_sample']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "" if ci is None else f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
 
 
 def _fmt(x: float | None) -> str:

@@ -40,12 +40,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # --- data --------------------------------------------------------------------------------------------
 
 
-def _scene(args: tuple[int, int]) -> tuple[np.ndarray, list]:
-    seed, i = args
+def _scene(args: tuple[int, int] | tuple[int, int, float | None]) -> tuple[np.ndarray, list]:
+    """Training scene `i` from (seed, i[, text_p]): text_p is the chance that an object of radius >= 12
+    carries a character (None or absent: 0.35, the benchmark's rate outside text questions)."""
+    seed, i, *rest = args
+    text_p = rest[0] if rest and rest[0] is not None else 0.35
     rng = np.random.default_rng([seed, 0, i, 10**6])  # the train split's stream, disjoint from sample()
     objs = []
     while not objs:
-        objs = _place(rng, int(rng.integers(1, 10)), SIZE, text_p=0.35)
+        objs = _place(rng, int(rng.integers(1, 10)), SIZE, text_p=text_p)
     return render(objs, rng, SIZE), objs
 
 

@@ -65,10 +65,25 @@ def test_run_end_to_end_writes_a_record(tmp_path, capsys):
     assert rec["config"]["reducer"] == "fastv" and rec["config"]["limit"] == 6
     m = rec["metrics"]
     assert set(m) >= {"accuracy", "per_category", "visual_tokens", "flops_per_sample", "ttft_ms",
-                      "decode_tokens_per_s", "peak_memory_mb", "retained_pct", "flops_pct"}
+                      "decode_tokens_per_s", "peak_memory_mb", "retained_pct", "flops_pct", "accuracy_ci95"}
+    assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
     assert m["visual_tokens"] == {"mean": 576.0, "min": 576, "max": 576}  # fastv acts inside the LLM
     assert 0 < m["flops_pct"] < 100
     assert set(rec["environment"]) >= {"torch", "transformers", "device", "dtype", "git_commit"}
+
+
+def test_bootstrap_interval_brackets_the_accuracy_and_narrows_with_more_questions():
+    import math
+
+    from vtoken.eval.runner import bootstrap_ci
+
+    assert bootstrap_ci([True] * 20) == (1.0, 1.0) and bootstrap_ci([]) == (0.0, 0.0)
+    small, large = bootstrap_ci([True, False] * 50), bootstrap_ci([True, False] * 500)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    # the normal approximation's half-width at p = 0.5, n = 1000 is 1.96 * sqrt(0.25 / 1000) = 0.031
+    assert math.isclose((large[1] - large[0]) / 2, 1.96 * math.sqrt(0.25 / 1000), rel_tol=0.15)
+    assert bootstrap_ci([True, False] * 50) == small  # seeded: reproducible records
 
 
 @pytest.mark.parametrize("argv,msg", [

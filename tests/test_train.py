@@ -151,6 +151,19 @@ def test_curriculum_and_token_aux_resume_bit_identically(tmp_path):
     assert all(0 <= r["acc"] <= 1 for r in report["patch_probe"].values())
 
 
+def test_text_p_sets_how_often_training_objects_carry_a_character():
+    from vtoken.eval.train import _scene
+    from vtoken.eval.train_cpu import Pool
+
+    default = Pool(6, 0, 12)
+    assert [o for s in default.objs for o in s] == [o for i in range(6) for o in _scene((0, i))[1]]  # None: as before
+    for p, want in ((1.0, True), (0.0, False)):
+        objs = [o for s in Pool(6, 0, 12, text_p=p).objs + Pool(6, 0, 12, max_objects=3, text_p=p).objs for o in s]
+        readable = [o for o in objs if o.r >= 12]
+        assert readable and all((o.char is not None) == want for o in readable)
+        assert all(o.char is None for o in objs if o.r < 12)
+
+
 def test_unique_qa_batches_never_repeat_a_question_and_label_only_answers():
     import numpy as np
 
