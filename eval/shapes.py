@@ -147,6 +147,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0))
 
 
+def glyph_scale(r: float) -> int:
+    """Pixels per font dot of the character on an object of radius `r` (the 5x7 glyph spans 5s x 7s px)."""
+    return max(1, int(r * 0.95) // 7)
+
+
 def render(objects: list[Obj], rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """Draw the scene (background from `rng`, then each object and its character) as uint8 RGB."""
     img = _background(rng, size)
@@ -156,7 +161,7 @@ def render(objects: list[Obj], rng: np.random.Generator, size: int = SIZE) -> np
         m = _mask(o, x0, y0, x1 - x0, y1 - y0)
         img[y0:y1, x0:x1][m] = COLORS[o.color]
         if o.char is not None:
-            scale = max(1, int(o.r * 0.95) // 7)
+            scale = glyph_scale(o.r)
             g = np.kron(glyph(o.char), np.ones((scale, scale), dtype=bool))
             gh, gw = g.shape
             gx, gy = round(o.x - gw / 2), round(o.y - gh / 2)

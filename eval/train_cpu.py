@@ -101,7 +101,7 @@ def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) 
     best = np.zeros(n)
     owner = np.full((size, size), len(objs), np.int64)  # object index per pixel (len(objs): background)
     for j, o in enumerate(objs):
-        k = min(int(o.y // cell), side - 1) * side + min(int(o.x // cell), side - 1)
+        k = centre_patch(o, side, size)
         out["centres"][k] = min(out["centres"][k] + 1, 2)
         if o.r > best[k]:
             best[k] = o.r
@@ -125,6 +125,12 @@ def patch_labels(objs: list, side: int, size: int = SIZE, min_pixels: int = 16) 
                 out["cover_char"][k] = len(CHARACTERS) if o.char is None else CHARACTERS.index(o.char)
                 out["cover_geom"][k] = _geom(o, size)
     return out
+
+
+def centre_patch(o: Any, side: int, size: int = SIZE) -> int:
+    """Index (raster order on the side x side grid) of the patch holding object `o`'s centre."""
+    cell = size / side
+    return min(int(o.y // cell), side - 1) * side + min(int(o.x // cell), side - 1)
 
 
 def _geom(o: Any, size: int) -> tuple[float, float, float]:
@@ -526,6 +532,7 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
         pred = aux.heads[k](h).argmax(-1)
         patch_probe[k] = {"acc": round(float((pred[m] == y[m]).float().mean()), 3), "n": int(m.sum()),
                           "majority": round(float(torch.bincount(y[m]).max() / m.sum().clamp(min=1)), 3)}
+    by_scale = char_by_scale(model, aux, side, scenes) if "char" in trained else {}
     tok = proc.tokenizer
     model.set_attn_implementation("eager")  # attention weights for "named_attention"
     answer_loss, named_attention = {}, {}
@@ -556,8 +563,27 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
         if grounded[0]:
             named_attention[cat] = {f"layer {layer}": [round(float(m / max(float(n), 1.0)), 3) for m, n in
                                                        zip(mass[layer], grounded)] for layer in range(len(mass))}
-    return {"checkpoint": str(folder), "step": state["step"], "patch_probe": patch_probe, "answer_loss": answer_loss,
-            "named_attention": named_attention}
+    return {"checkpoint": str(folder), "step": state["step"], "patch_probe": patch_probe, "char_by_scale": by_scale,
+            "answer_loss": answer_loss, "named_attention": named_attention}
+
+
+def char_by_scale(model: nn.Module, aux: AuxHeads, side: int, scenes: int) -> dict[int, dict[str, float]]:
+    """Per glyph scale (`shapes.glyph_scale`), the centre character head's accuracy on the objects that
+    carry a character in `scenes` validation text-question scenes (where the text category's glyphs are)."""
+    from vtoken.eval.shapes import glyph_scale, sample
+
+    items = [sample("val", 3 * 10**5 + i, 0, category="text") for i in range(scenes)]
+    images = torch.from_numpy(np.stack([s.image for s in items]))
+    with torch.no_grad():
+        feats = torch.cat([vision_features(model, pixels_llava(images[i:i + 50])) for i in range(0, scenes, 50)])
+        pred = aux.heads["char"](aux.norm(feats.float())).argmax(-1)
+    hits: dict[int, list[bool]] = {}
+    for n, s in enumerate(items):
+        for o in s.objects:
+            if o.char is not None:
+                k = centre_patch(o, side)
+                hits.setdefault(glyph_scale(o.r), []).append(int(pred[n, k]) == CHARACTERS.index(o.char))
+    return {sc: {"acc": round(float(np.mean(v)), 3), "n": len(v)} for sc, v in sorted(hits.items())}
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:

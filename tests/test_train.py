@@ -149,6 +149,11 @@ def test_curriculum_and_token_aux_resume_bit_identically(tmp_path):
     report = train_cpu.probe(tmp_path / "a" / "checkpoint", scenes=2, per_category=2)
     assert report["step"] == 5 and set(report["answer_loss"]) == set(train_cpu.CATEGORIES)
     assert all(0 <= r["acc"] <= 1 for r in report["patch_probe"].values())
+    from vtoken.eval.shapes import glyph_scale, sample
+
+    scenes = [sample("val", 3 * 10**5 + i, 0, category="text") for i in range(2)]  # char_by_scale's scenes
+    chars = [glyph_scale(o.r) for s in scenes for o in s.objects if o.char]
+    assert {k: v["n"] for k, v in report["char_by_scale"].items()} == {k: chars.count(k) for k in set(chars)}
 
 
 def test_text_p_sets_how_often_training_objects_carry_a_character():
