@@ -595,6 +595,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.attn_sup:
         if args.unique_qa is False:
             raise SystemExit("--attn-sup needs --unique-qa (the grounded turns come from make_batch_unique)")
+        if not 0 <= args.attn_layer < args.llm[0]:
+            raise SystemExit(f"--attn-layer {args.attn_layer} is not a layer of the {args.llm[0]}-layer LLM: "
+                             f"give one in 0..{args.llm[0] - 1}, or --attn-sup 0")
         model.set_attn_implementation("eager")  # the supervised attention weights must be materialised
     side = SIZE // args.patch
     tokens = side * side
@@ -837,9 +840,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="vision layer the projector reads (-1: the last; LLaVA-1.5 uses -2)")
     ap.add_argument("--llm", type=_dims, default=(4, 192, 6, 2), help="Llama layers,width,heads,kv-heads")
     ap.add_argument("--pool", type=int, default=4000, help="rendered scenes held in memory")
-    ap.add_argument("--text-p", type=float, default=None,
-                    help="training scenes: chance that an object of radius >= 12 carries a character (default: 0.35 "
-                         "in full scenes, 0.5 in curriculum scenes; the benchmark draws 0.35, 0.9 for text questions)")
+    ap.add_argument("--text-p", type=float, default=0.9,
+                    help="training scenes: chance that an object of radius >= 12 carries a character (the "
+                         "benchmark draws 0.35, and 0.9 in text questions' scenes)")
     ap.add_argument("--refresh", type=int, default=8, help="pool slots replaced by new scenes per step")
     ap.add_argument("--curriculum", type=int, default=3,
                     help="llm stage: the first --curriculum-steps steps use scenes of 1..this many objects (0: off)")
@@ -850,17 +853,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="weight of the per-patch answer-word loss on the LLM's visual-token logits (0: off)")
     ap.add_argument("--token-char", choices=("cover_char", "char"), default="cover_char",
                     help="token aux: the character word on every patch of an object (cover_char) or at its centre")
-    ap.add_argument("--token-pos", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--token-pos", action=argparse.BooleanOptionalAction, default=True,
                     help="token aux: every covered patch also names its object's side (left/right, above/below)")
     ap.add_argument("--token-layer", type=int, default=None,
                     help="read the token aux after this LLM layer (1-based; default: the output logits)")
-    ap.add_argument("--attn-sup", type=float, default=0.0,
+    ap.add_argument("--attn-sup", type=float, default=1.0,
                     help="weight of the grounding loss (`grounding_loss`): heads 0 / 1 of the answer token in LLM "
                          "layer --attn-layer attend the first / second object the question names")
     ap.add_argument("--attn-layer", type=int, default=1, help="0-based LLM layer of the grounding loss")
-    ap.add_argument("--vision-steps", type=int, default=2000)
+    ap.add_argument("--vision-steps", type=int, default=4000)
     ap.add_argument("--llm-steps", type=int, default=1000)
-    ap.add_argument("--joint-steps", type=int, default=5500)
+    ap.add_argument("--joint-steps", type=int, default=5000)
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--qa", type=int, default=12, help="question turns per image and sequence")
@@ -872,7 +875,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--decay", type=float, default=0.2, help="final fraction of each stage with linear decay")
     ap.add_argument("--aux-weight", type=float, default=0.5)
-    ap.add_argument("--aux-weights", type=_weights, default="shape=2,cover_shape=2,char=3,cover_char=2",
+    ap.add_argument("--aux-weights", type=_weights, default="shape=2,cover_shape=2,char=3,cover_char=2,cover_geom=2",
                     help="per-head weights of the tower's aux loss, e.g. shape=3,char=3 (others: 1)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: where a bf16 matmul is faster than fp32 on this CPU)")

@@ -58,7 +58,7 @@ def _tiny(out, steps: tuple[int, int, int], *extra: str) -> list[str]:
             "--small-pool", "4",
             "--vision-steps", str(steps[0]), "--llm-steps", str(steps[1]), "--joint-steps", str(steps[2]),
             "--vision-batch", "2", "--batch", "2", "--qa", "2", "--warmup", "1", "--eval", "0", "--log-every", "1",
-            *extra]
+            "--attn-layer", "0", *extra]
 
 
 def test_staged_cpu_training_resumes_bit_identically_and_saves_a_plain_llava(tmp_path):
@@ -285,3 +285,10 @@ def test_training_with_grounding_runs_and_logs_it(tmp_path, capsys):
     for cat in ("position", "size"):  # two named objects: the mass on each, per layer, is a fraction
         masses = diag["named_attention"][cat]["layer 0"]
         assert len(masses) == 2 and all(0 < m < 1 for m in masses)
+
+
+def test_grounding_layer_outside_the_llm_is_refused(tmp_path):
+    from vtoken.eval import train_cpu
+
+    with pytest.raises(SystemExit, match="--attn-layer 1 is not a layer of the 1-layer LLM"):
+        train_cpu.train(train_cpu.parse(_tiny(tmp_path / "x", (1, 1, 1), "--attn-layer", "1")))
