@@ -518,8 +518,7 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
     images = torch.from_numpy(np.stack([s.image for s in items]))
     labs = [patch_labels(s.objects, side) for s in items]
     labels = {k: torch.from_numpy(np.stack([x[k] for x in labs])) for k in labs[0]}
-    feats = torch.cat([vision_features(model, pixels_llava(images[i:i + 50])) for i in range(0, scenes, 50)])
-    h = aux.norm(feats.float())
+    h = aux.norm(_features(model, images).float())
     patch_probe = {}
     for k in ("cover_color", "cover_shape", "cover_char", "color", "shape", "char"):
         if k not in trained:
@@ -567,6 +566,11 @@ def probe(folder: Path, scenes: int = 200, per_category: int = 32) -> dict[str, 
             "answer_loss": answer_loss, "named_attention": named_attention}
 
 
+def _features(model: nn.Module, images: torch.Tensor, chunk: int = 50) -> torch.Tensor:
+    """The projector-input features of uint8 (N, H, W, 3) images, `chunk` images at a time."""
+    return torch.cat([vision_features(model, pixels_llava(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+
+
 def char_by_scale(model: nn.Module, aux: AuxHeads, side: int, scenes: int) -> dict[int, dict[str, float]]:
     """Per glyph scale (`shapes.glyph_scale`), the centre character head's accuracy on the objects that
     carry a character in `scenes` validation text-question scenes (where the text category's glyphs are)."""
@@ -575,8 +579,7 @@ def char_by_scale(model: nn.Module, aux: AuxHeads, side: int, scenes: int) -> di
     items = [sample("val", 3 * 10**5 + i, 0, category="text") for i in range(scenes)]
     images = torch.from_numpy(np.stack([s.image for s in items]))
     with torch.no_grad():
-        feats = torch.cat([vision_features(model, pixels_llava(images[i:i + 50])) for i in range(0, scenes, 50)])
-        pred = aux.heads["char"](aux.norm(feats.float())).argmax(-1)
+        pred = aux.heads["char"](aux.norm(_features(model, images).float())).argmax(-1)
     hits: dict[int, list[bool]] = {}
     for n, s in enumerate(items):
         for o in s.objects:
