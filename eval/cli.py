@@ -60,8 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         params["keep"] = args.keep
     demo = args.reducer is None
     names = list(DEMO_REDUCERS) if demo else [args.reducer]
-    if demo and "keep" not in params:
-        params["keep"] = 64
+    scale_keep = demo and "keep" not in params
+    if scale_keep:
+        params["keep"] = 64  # replaced below by this model's equivalent of 64 of 576 tokens
     per_reducer = {}
     for name in names:
         try:
@@ -76,6 +77,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         model, proc, info = models.load(ref, device=args.device, dtype=_dtype(args.dtype))
     except (FileNotFoundError, OSError, ValueError) as e:
         raise UsageError(f"cannot load model {ref!r}: {e}") from None
+    if scale_keep:
+        keep, tokens = models.demo_keep(model)
+        for name in names:
+            if "keep" in per_reducer[name]:
+                per_reducer[name]["keep"] = keep
+        if tokens != 576:
+            print(f"note: {ref} has {tokens} visual tokens per image: the demo keeps {keep} "
+                  "(the equivalent of 64 of 576)", file=sys.stderr)
     torch.manual_seed(args.seed)
     if not info.get("trained", True):
         print(f"note: {ref} has random weights (no trained Shapes model in assets/): accuracy is chance level; "
@@ -285,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model directory (save_pretrained), Hub id or a built-in random model "
                      "(tiny-llava-shapes, tiny-qwen2vl-shapes, tiny-qwen2.5vl-shapes, tiny-qwen3vl-shapes, "
                      "tiny-onevision-shapes); default: assets/llava-shapes if present")
-    run.add_argument("--reducer", help="registered reducer name (default: the demo, every reducer at keep 64)")
+    run.add_argument("--reducer", help="registered reducer name (default: the demo, every reducer at the "
+                     "model's equivalent of keep 64 of 576 tokens)")
     run.add_argument("--keep", type=_value, help="budget: int tokens per image or float fraction")
     run.add_argument("--param", action="append", default=[], help="reducer parameter name=value (repeatable)")
     run.add_argument("--task", default="shapes")

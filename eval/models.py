@@ -246,6 +246,18 @@ def default_model() -> str:
     return str(path) if (path / "config.json").exists() else TINY
 
 
+def demo_keep(model: Any, keep: int = 64, of: int = 576) -> tuple[int, int]:
+    """(budget, visual tokens per image): a fixed-grid LLaVA's equivalent of `keep` of `of` tokens (the
+    published 576-token budgets scale by the fraction; 16 of 144), or `keep` itself where the image's
+    token count varies (any-resolution and Qwen families)."""
+    vc = getattr(model.config, "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    if model.config.model_type != "llava" or not isinstance(size, int) or not isinstance(patch, int):
+        return keep, of
+    tokens = (size // patch) ** 2
+    return max(1, round(keep * tokens / of)), tokens
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

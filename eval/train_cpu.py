@@ -780,6 +780,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def certify(folder: Path, limit: int = 700, check: int = 64) -> dict[str, Any]:
+    """Score a saved model (`--save` output) unreduced on the Shapes test split, fp32, the way issue 16's
+    bar reads it (`vtoken run --model FOLDER --reducer none --limit 700`): seeds 0 and 1 (training draws
+    its scenes from the train split, so no test scene was seen), plus a small fixed subset (`check`
+    questions, seed 0) that `tests/test_shipped_model.py` re-scores. Both go into the folder's vtoken.json."""
+    from vtoken.eval import models, runner
+
+    model, proc, _ = models.load(str(folder))
+    test = {}
+    for seed in (0, 1):
+        r = runner.evaluate(model, proc, "none", {}, limit=limit, seed=seed, timing_batches=0)["metrics"]
+        test[f"seed{seed}"] = {k: r[k] for k in ("accuracy", "accuracy_ci95", "per_category")}
+    r = runner.evaluate(model, proc, "none", {}, limit=check, seed=0, timing_batches=0, progress=False)
+    meta_file = folder / "vtoken.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta.update(test={"split": "test", "questions": limit, "dtype": "fp32", **test},
+                check={"limit": check, "seed": 0, "accuracy": r["metrics"]["accuracy"]},
+                meets_bar=all(t["accuracy"] >= 0.8 and min(t["per_category"].values()) >= 0.6 for t in test.values()))
+    meta_file.write_text(json.dumps(meta, indent=1))
+    return {k: meta[k] for k in ("test", "check", "meets_bar")}
+
+
 def _load_heads(aux: AuxHeads, folder: Path) -> set[str]:
     """Load the aux heads a checkpoint has (an older recipe may lack some: those keep their fresh
     initialisation); returns the names of the heads loaded."""
@@ -831,6 +853,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", help="run folder: checkpoint/ and curve.jsonl (required unless --probe)")
     ap.add_argument("--probe", metavar="CKPT", help="only diagnose this checkpoint folder (see `probe`) and exit")
     ap.add_argument("--save", help="write the final bf16 model + processor + vtoken.json here")
+    ap.add_argument("--certify", metavar="MODEL", help="only score this saved model on the test split (seeds 0 "
+                    "and 1, 700 questions each, + a 64-question check subset), record it in its vtoken.json, exit")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init", help="take the vision tower + aux heads from this checkpoint folder "
                     "(with --vision-steps 0: skip the vision stage)")
@@ -887,7 +911,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--save-every", type=float, default=600.0, help="seconds between checkpoints")
     args = ap.parse_args(argv)
-    if not (args.out or args.probe):
+    if not (args.out or args.probe or args.certify):
         ap.error("--out is required")
     return args
 
@@ -897,6 +921,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         torch.set_num_threads(args.threads)
         print(json.dumps(probe(Path(args.probe)), indent=1), flush=True)
+    elif args.certify:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(certify(Path(args.certify)), indent=1), flush=True)
     else:
         train(args)
 

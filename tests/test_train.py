@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vtoken.eval import cli, models
+from vtoken.eval import cli, models, runner
 from vtoken.eval.shapes import CATEGORIES
 
 
@@ -76,9 +76,17 @@ def test_staged_cpu_training_resumes_bit_identically_and_saves_a_plain_llava(tmp
     model, proc, info = models.load(str(tmp_path / "model"))
     assert type(model).__name__ == "LlavaForConditionalGeneration" and info["recipe"] == "train_cpu"
     assert not any("aux" in k for k in model.state_dict())
+    # --certify: the test split (seeds 0 and 1) and the check subset go into vtoken.json, beside the recipe's
+    seen = train_cpu.certify(tmp_path / "model", limit=8, check=8)
+    meta = json.loads((tmp_path / "model" / "vtoken.json").read_text())
+    assert meta["recipe"] == "train_cpu" and meta["test"] == seen["test"] and meta["check"]["limit"] == 8
+    for seed in ("seed0", "seed1"):
+        lo, hi = meta["test"][seed]["accuracy_ci95"]
+        assert lo <= meta["test"][seed]["accuracy"] <= hi and meta["test"][seed]["per_category"]
+    assert meta["meets_bar"] is False  # a 6-step model is at chance
+    again = runner.evaluate(model, proc, "none", {}, limit=8, seed=0, timing_batches=0, progress=False)
+    assert again["metrics"]["accuracy"] == meta["check"]["accuracy"]
     assert next(model.parameters()).dtype == torch.float32  # load() casts the bf16 file to the asked dtype
-    from vtoken.eval import runner
-
     rec = runner.evaluate(model, proc, "none", {}, limit=2, batch_size=2, timing_batches=0, progress=False)
     assert rec["metrics"]["visual_tokens"]["mean"] == 144  # 336 px in 28-px patches
 
