@@ -133,8 +133,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
     else:
         images = calibrate.shapes_images(args.limit or 256)
-    n_tokens = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    n_tokens = n_tokens * n_tokens
+    n_tokens = models.grid_tokens(model)
+    if n_tokens is None:
+        raise UsageError(f"calibrate needs a fixed-grid vision tower; {args.model!r} has no fixed image size")
     if args.preset is not None and args.preset not in calibrate.PRESETS and args.target is None:
         raise UsageError(f"unknown preset {args.preset!r}; use {', '.join(calibrate.PRESETS)} or give --target")
     if args.target is not None and not 0 < args.target <= n_tokens:

@@ -246,16 +246,20 @@ def default_model() -> str:
     return str(path) if (path / "config.json").exists() else TINY
 
 
+def grid_tokens(model: Any) -> int | None:
+    """Visual tokens per image of a fixed-grid tower ((image_size // patch_size)^2), None if it has no fixed
+    image size."""
+    vc = getattr(model.config, "vision_config", None)
+    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+    return (size // patch) ** 2 if isinstance(size, int) and isinstance(patch, int) else None
+
+
 def demo_keep(model: Any, keep: int = 64, of: int = 576) -> tuple[int, int]:
     """(budget, visual tokens per image): a fixed-grid LLaVA's equivalent of `keep` of `of` tokens (the
     published 576-token budgets scale by the fraction; 16 of 144), or `keep` itself where the image's
     token count varies (any-resolution and Qwen families)."""
-    vc = getattr(model.config, "vision_config", None)
-    size, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
-    if model.config.model_type != "llava" or not isinstance(size, int) or not isinstance(patch, int):
-        return keep, of
-    tokens = (size // patch) ** 2
-    return max(1, round(keep * tokens / of)), tokens
+    tokens = grid_tokens(model) if model.config.model_type == "llava" else None
+    return (keep, of) if tokens is None else (max(1, round(keep * tokens / of)), tokens)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
