@@ -200,7 +200,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"bad sweep file {args.spec}: {e}") from None
     out = args.out or spec.get("out", "runs/sweep.jsonl")
     new = sweep.run_sweep(spec, out, args.executor)
-    print(f"{len(configs)} configs, {len(new)} run now, results in {out}")
+    report = sweep.write_report(out)
+    print(f"{len(configs)} configs, {len(new)} run now, results in {out}, tables in {report}")
     return 0
 
 

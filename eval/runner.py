@@ -229,7 +229,7 @@ def table(records: list[dict[str, Any]]) -> str:
     for r in records:
         m, c = r["metrics"], r["config"]
         vt = m["visual_tokens"]
-        params = ", ".join(f"{k}={v}" for k, v in c["params"].items()) or "-"
+        params = _params(c)
         lines.append(
             f"| {c['reducer']} | {params} | {100 * m['accuracy']:.1f}{_ci(m.get('accuracy_ci95'))} "
             f"| {_fmt(m.get('retained_pct'))} "
@@ -237,6 +237,22 @@ def table(records: list[dict[str, Any]]) -> str:
             f"| {_fmt(m['decode_tokens_per_s'])} | {m['reducer_overhead_ms_per_sample']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def category_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of accuracy per question category (one row per config)."""
+    cats = [c for c in CATEGORIES if any(c in r["metrics"]["per_category"] for r in records)]
+    lines = ["| reducer | params | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
+    for r in records:
+        c, per = r["config"], r["metrics"]["per_category"]
+        params = _params(c)
+        cells = " | ".join(_fmt(100 * per[k]) if k in per else "-" for k in cats)
+        lines.append(f"| {c['reducer']} | {params} | {cells} |")
+    return "\n".join(lines)
+
+
+def _params(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config["params"].items()) or "-"
 
 
 def _ci(ci: Sequence[float] | None) -> str:

@@ -153,6 +153,27 @@ def run_sweep(spec: dict[str, Any], out: str | None = None, executor: str | None
     return new
 
 
+def write_report(out: str | Path) -> Path:
+    """Markdown tables of every record in the sweep's JSONL, beside it (`.md`): per model and task,
+    accuracy with its 95% interval, % retained and FLOPs % of the unreduced row, then accuracy per category."""
+    from vtoken.eval import plots, runner
+
+    path = Path(out)
+    records = plots.with_reference(plots.load(path))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["config"].get("model", "?"), r["config"]["task"]), []).append(r)
+    parts = []
+    for (model, task), rs in groups.items():
+        rs.sort(key=lambda r: r["config"]["reducer"] != "none")  # the reference row first
+        limit, seed = rs[0]["config"]["limit"], rs[0]["config"]["seed"]
+        parts += [f"## {model} on {task} ({limit} questions, seed {seed})", "", runner.table(rs), "",
+                  "Accuracy % per category:", "", runner.category_table(rs), ""]
+    report = path.with_suffix(".md")
+    report.write_text("\n".join(parts))
+    return report
+
+
 def _run_ray(todo: list[Config], spec: dict[str, Any], path: Path, bar: Any) -> list[dict[str, Any]]:
     try:
         import ray

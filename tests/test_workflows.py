@@ -79,6 +79,16 @@ def test_cli_sweep_and_plot(tmp_path):
     ref = plots.with_reference(records)
     fastv = next(r for r in ref if r["config"]["reducer"] == "fastv")
     assert 0 < fastv["metrics"]["flops_pct"] < 100
+    # the Markdown report beside the JSONL: one row per record, the unreduced one first at 100 % FLOPs
+    report = (tmp_path / "r.md").read_text()
+    main, per_category = report.split("Accuracy % per category:")
+    rows = [line for line in main.splitlines() if line.startswith("| ") and not line.startswith("| reducer")]
+    assert len(rows) == 4 and rows[0].startswith("| none | - |") and "| 100.0 |" in rows[0]
+    fastv_row = next(line for line in rows if line.startswith("| fastv"))
+    assert f"| {fastv['metrics']['flops_pct']:.1f} |" in fastv_row
+    assert f"{100 * fastv['metrics']['accuracy']:.1f} (" in fastv_row  # accuracy with its interval
+    cat_rows = [line for line in per_category.splitlines() if line.startswith("| ")]
+    assert len(cat_rows) == 1 + 4 and "| color |" in cat_rows[0]  # the header, then one row per record
 
 
 def test_pareto_front():
