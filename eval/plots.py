@@ -21,19 +21,17 @@ def load(path: str | Path) -> list[dict[str, Any]]:
 
 
 def with_reference(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill retained % and FLOPs % from the unreduced (`none`) record of the same model and task."""
+    """Fill retained % and FLOPs % (`runner.compare`) from the unreduced (`none`) record of the same model and task."""
+    from vtoken.eval.runner import compare
+
     refs = {}
     for r in records:
         if r["config"]["reducer"] == "none":
             refs[(r["config"].get("model"), r["config"]["task"])] = r
     for r in records:
         ref = refs.get((r["config"].get("model"), r["config"]["task"]))
-        if ref is None:
-            continue
-        m, rm = r["metrics"], ref["metrics"]
-        total, ref_total = m["flops_per_sample"].get("total", 0), rm["flops_per_sample"].get("total", 0)
-        m["flops_pct"] = 100 * total / ref_total if ref_total else None
-        m["retained_pct"] = 100 * m["accuracy"] / rm["accuracy"] if rm["accuracy"] else None
+        if ref is not None:
+            compare([r], ref)
     return records
 
 
